@@ -1,0 +1,3 @@
+from vggkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Load weights in torchvision's VGG state-dict layout (``features.N.weight``,
+``classifier.N.weight``): what users of ImageNet-pretrained VGG have on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vggkit.errors import CheckpointError
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[str] = field(default_factory=list)  # same key, other shape
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        for label, keys in (
+            ("not in the file (kept initialised)", self.missing),
+            ("not used", self.unexpected),
+            ("shape mismatch (kept initialised)", self.mismatched),
+        ):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        return "; ".join(parts)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without executing code: safetensors, or a torch file through
+    ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the file's fault
+        raise CheckpointError(f"cannot read weights from {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    # DataParallel/DDP checkpoints prefix every key with "module.".
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_matching(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    partial: bool = False,
+    only_features: bool | None = None,
+    source: str = "weights",
+) -> LoadReport:
+    """Copy the tensors of ``state`` whose key and shape match the model.
+
+    With the ``imagenet`` head every key must match (identical outputs to torchvision).
+    With other heads only the convolutional ``features`` are taken, for fine-tuning;
+    the dense layers stay initialised and are reported. Anything else that does not
+    match is an error unless ``partial``.
+    """
+    own = model.state_dict()
+    if only_features is None:
+        only_features = getattr(model, "head", "imagenet") != "imagenet"
+    report = LoadReport()
+    take: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if only_features and not key.startswith("features."):
+            report.unexpected.append(key)
+        elif key not in own:
+            report.unexpected.append(key)
+        elif own[key].shape != value.shape:
+            report.mismatched.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
+        else:
+            take[key] = value
+    for key in own:
+        if key not in take and not any(m.startswith(key + " ") for m in report.mismatched):
+            if only_features and not key.startswith("features."):
+                continue
+            report.missing.append(key)
+    head_keys = [k for k in own if not k.startswith("features.")] if only_features else []
+    problems = report.mismatched + [k for k in report.missing if not k.endswith("num_batches_tracked")]
+    if not only_features:
+        problems += report.unexpected
+    if problems and not partial:
+        raise CheckpointError(
+            f"{source} does not match the model ({report}); pass --partial to load what matches"
+        )
+    if not take:
+        raise CheckpointError(f"{source}: no tensor matches the model ({report})")
+    model.load_state_dict(take, strict=False)
+    report.loaded = list(take)
+    report.missing += head_keys
+    return report
