@@ -1,0 +1,279 @@
+"""The typed training config: one dataclass whose fields are the flags of ``vggkit train``
+and the keys of a ``--config`` YAML file, one-to-one (``batch_size`` <-> ``--batch-size``).
+
+Precedence: field defaults < recipe (``--recipe``) < ``--config`` file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vggkit.errors import UsageError, did_you_mean, unknown_name
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "plateau", "cosine", "onecycle", "time-decay")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+NORMALIZE = ("meanstd", "unit")
+PAD_MODES = ("reflect", "zeros")
+SCALE_LR = ("none", "linear")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, group: str = "training",
+        cli: bool = True, metavar: str | None = None) -> Any:
+    """A config field with its command-line help; ``field(default_factory)`` for lists."""
+    meta = {"help": help, "choices": choices, "group": group, "cli": cli, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    model: str = opt("vgg11_bn", "registered network name (see `vggkit models`)", group="model")
+    head: str | None = opt(None, "classifier head: classic|bn|gap|linear|imagenet|compact "
+                           "(default: the model's own)", group="model")
+    dropout: float = opt(0.5, "dropout rate of the dense head layers", group="model")
+    init_from: str | None = opt(None, "start from another run's (or a weights file's) matching "
+                                "layers, e.g. a trained VGG-11 for a VGG-16", group="model",
+                                metavar="RUN_OR_WEIGHTS")
+    partial: bool = opt(False, "with --init-from: load what matches and report the rest "
+                        "instead of failing on a mismatch", group="model")
+    # --- data
+    dataset: str = opt("digits", "cifar10|cifar100|cifar100-coarse|mnist|fashion-mnist|digits|"
+                       "folder:PATH|npz:PATH", group="data")
+    data_dir: str | None = opt(None, "where datasets live (default $VGGKIT_DATA, else a per-user "
+                               "cache folder)", group="data")
+    download: bool = opt(True, "download a missing official dataset", group="data")
+    download_url: str | None = opt(None, "base address to download datasets from (default the "
+                                   "official ones; $VGGKIT_DOWNLOAD_URL)", group="data")
+    image_size: int | None = opt(None, "resize images to this side (default: the dataset's, "
+                                 "raised to the smallest the model takes)", group="data")
+    channels: int | None = opt(None, "1 or 3 input channels (default: the dataset's)", group="data")
+    normalize: str = opt("meanstd", "per-channel mean/std of the training set, or pixels/255",
+                         choices=NORMALIZE, group="data")
+    subset: int | None = opt(None, "train on N images, balanced across classes (seeded)",
+                             group="data")
+    val_split: float = opt(0.0, "fraction of train held out for validation (stratified, seeded)",
+                           group="data")
+    skip_bad_images: bool = opt(False, "skip (and count) unreadable images in a folder dataset",
+                                group="data")
+    # --- augmentation (whole-batch, on the training device)
+    crop_padding: int = opt(0, "random crop after padding by this many pixels (0: off)",
+                            group="augmentation")
+    pad_mode: str = opt("reflect", "padding for the random crop", choices=PAD_MODES,
+                        group="augmentation")
+    flip: bool = opt(False, "random horizontal flips", group="augmentation")
+    cutout: int = opt(0, "cutout square side in pixels (0: off)", group="augmentation")
+    # --- optimisation
+    epochs: int = opt(10, "training epochs")
+    batch_size: int = opt(128, "images per step (per process under torchrun)")
+    optimizer: str = opt("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = opt(0.05, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum for SGD")
+    betas: list[float] = opt([0.9, 0.999], "Adam/AdamW betas", metavar="B1,B2")
+    weight_decay: float = opt(5e-4, "L2 weight decay (decoupled for AdamW)")
+    schedule: str = opt("onecycle", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = opt(0.0, "linear warm-up from 0 over this many epochs "
+                               "(onecycle: its rising part)")
+    step_size: int = opt(30, "step schedule: epochs between decays")
+    gamma: float = opt(0.1, "step/plateau schedules: the factor the rate is multiplied by")
+    plateau_patience: int = opt(3, "plateau schedule: epochs without a better validation "
+                                "accuracy before the rate is cut")
+    decay: float = opt(1e-6, "time-decay schedule: lr / (1 + decay * iterations), Keras's "
+                       "legacy `decay`")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
+    early_stop: int | None = opt(None, "stop after this many epochs without a better "
+                                 "validation accuracy", metavar="PATIENCE")
+    # --- engine
+    precision: str = opt("auto", "auto: bf16 autocast where the CPU or GPU computes bf16 "
+                         "natively, else fp32", choices=PRECISIONS, group="engine")
+    channels_last: bool = opt(True, "NHWC memory format (faster convolutions on CPU and "
+                              "tensor cores)", group="engine")
+    compile: bool = opt(False, "torch.compile the model", group="engine")
+    device: str = opt("auto", "where to train", choices=DEVICES, group="engine")
+    threads: int | None = opt(None, "CPU threads (default: all cores)", group="engine")
+    seed: int = opt(0, "seed of weights, order, augmentation and dropout", group="engine")
+    eval_batch_size: int = opt(512, "images per evaluation step", group="engine")
+    sync_bn: bool = opt(False, "synchronised BatchNorm across torchrun processes",
+                        group="engine")
+    scale_lr: str = opt("none", "under torchrun: 'linear' multiplies --lr by the number of "
+                        "processes (Goyal et al. 2017)", choices=SCALE_LR, group="engine")
+    # --- output
+    out: str | None = opt(None, "run folder (default runs/<dataset>-<model>-<timestamp>)",
+                          group="output")
+    overwrite: bool = opt(False, "allow writing into an existing non-empty run folder",
+                          group="output")
+    resume: str | None = opt(None, "continue the run in this folder from its last checkpoint",
+                             group="output", metavar="RUN")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard extra)",
+                            group="output")
+    report: bool = opt(True, "write the HTML/Markdown report at the end", group="output")
+    tta: bool = opt(False, "final test accuracy averages the horizontally flipped view",
+                    group="output")
+
+    # ----------------------------------------------------------------- helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return apply_overrides(self, changes, source="arguments")
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a config field."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (base,) = [a for a in args if a is not type(None)]
+        return base, True
+    return hint, False
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Check and convert one value to the field's type; errors name the key and the source."""
+    base, optional = field_type(name)
+    where = f"{source}: {name}" if source != "command line" else f"--{name.replace('_', '-')}"
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{where} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false",
+                                                             "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(base) is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return [float(v) for v in value]
+    except (TypeError, ValueError):
+        pass
+    kind = getattr(base, "__name__", str(base))
+    raise UsageError(f"{where} must be {'a ' if kind != 'list' else ''}{kind}, got {value!r}")
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    unknown = [k for k in values if k not in FIELDS]
+    if unknown:
+        key = unknown[0]
+        raise UsageError(f"{source}: unknown key {key!r}{did_you_mean(key, FIELDS)}")
+    changes = {k: coerce(k, v, source) for k, v in values.items()}
+    return validate(dataclasses.replace(config, **changes), source)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config: file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config: cannot read {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
+    """Value checks that types alone cannot express."""
+
+    def bad(name: str, why: str) -> UsageError:
+        where = f"--{name.replace('_', '-')}" if source == "command line" else f"{source}: {name}"
+        return UsageError(f"{where} {why}, got {getattr(config, name)!r}")
+
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise unknown_name(f"--{f.name.replace('_', '-')} value", getattr(config, f.name),
+                               choices)
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(config, name) < 1:
+            raise bad(name, "must be a positive integer")
+    if not config.lr > 0:
+        raise bad("lr", "must be positive")
+    for name in ("weight_decay", "warmup_epochs", "decay", "crop_padding", "cutout"):
+        if getattr(config, name) < 0:
+            raise bad(name, "must not be negative")
+    if not 0 <= config.label_smoothing < 1:
+        raise bad("label_smoothing", "must be in [0, 1)")
+    if not 0 <= config.dropout < 1:
+        raise bad("dropout", "must be in [0, 1)")
+    if not 0 <= config.val_split < 1:
+        raise bad("val_split", "must be in [0, 1)")
+    if not 0 <= config.momentum < 1:
+        raise bad("momentum", "must be in [0, 1)")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        raise bad("betas", "must be two numbers in [0, 1), like 0.9,0.999")
+    if config.channels is not None and config.channels not in (1, 3):
+        raise bad("channels", "must be 1 or 3")
+    if config.image_size is not None and config.image_size < 1:
+        raise bad("image_size", "must be a positive integer")
+    if config.subset is not None and config.subset < 1:
+        raise bad("subset", "must be a positive integer")
+    if config.threads is not None and config.threads < 1:
+        raise bad("threads", "must be a positive integer")
+    if config.early_stop is not None and config.early_stop < 1:
+        raise bad("early_stop", "must be a positive integer")
+    for name in ("step_size", "plateau_patience"):
+        if getattr(config, name) < 1:
+            raise bad(name, "must be a positive integer")
+    if not 0 < config.gamma <= 1:
+        raise bad("gamma", "must be in (0, 1]")
+    return config
+
+
+def resolve_config(
+    flags: dict[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    recipe: str | None = None,
+) -> TrainConfig:
+    """Defaults < recipe < config file < flags."""
+    config = TrainConfig()
+    if recipe:
+        from vggkit.recipes import load_recipe
+
+        config = apply_overrides(config, load_recipe(recipe), source=f"recipe {recipe}")
+    if config_file:
+        config = apply_overrides(config, load_yaml(config_file), source=str(config_file))
+    if flags:
+        config = apply_overrides(config, flags, source="command line")
+    return config

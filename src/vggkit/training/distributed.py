@@ -1,0 +1,84 @@
+"""Multi-process training through PyTorch's own engine: torchrun sets RANK, WORLD_SIZE
+and LOCAL_RANK; we start the process group (gloo on CPU, nccl on CUDA) with a bounded
+collective timeout so that a dead rank ends the others with an error instead of a hang."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Seconds a collective may wait for a missing rank. Overridable for slow clusters.
+DEFAULT_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def timeout_seconds() -> int:
+    return int(os.environ.get("VGGKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=timeout_seconds())
+        )
+        log.debug("rank %d/%d joined (%s)", info.rank, world, backend)
+    return info
+
+
+def local_device(device: torch.device, info: DistInfo) -> torch.device:
+    if device.type == "cuda" and info.enabled:
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(value, info: DistInfo):
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
