@@ -183,8 +183,9 @@ def coerce(name: str, value: Any, source: str) -> Any:
             return [float(v) for v in value]
     except (TypeError, ValueError):
         pass
-    kind = getattr(base, "__name__", str(base))
-    raise UsageError(f"{where} must be {'a ' if kind != 'list' else ''}{kind}, got {value!r}")
+    kind = {bool: "true or false", int: "an integer", float: "a finite number",
+            str: "a string"}.get(base, "a list of numbers like 0.9,0.999")
+    raise UsageError(f"{where} must be {kind}, got {value!r}")
 
 
 def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
@@ -225,6 +226,12 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
         if choices and getattr(config, f.name) not in choices:
             raise unknown_name(f"--{f.name.replace('_', '-')} value", getattr(config, f.name),
                                choices)
+    from vggkit.models.registry import ARCHITECTURES, list_heads
+
+    if config.model not in ARCHITECTURES:
+        raise unknown_name("--model", config.model, ARCHITECTURES)
+    if config.head is not None and config.head not in list_heads():
+        raise unknown_name("--head", config.head, list_heads())
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, name) < 1:
             raise bad(name, "must be a positive integer")

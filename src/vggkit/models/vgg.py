@@ -174,9 +174,9 @@ def check_input(
     factor = 2**arch.num_pools
     if input_size < factor or input_size % factor:
         raise UsageError(
-            f"--image-size {input_size}: {label} has {arch.num_pools} 2x2 max-pools, so its input "
+            f"image size {input_size}: {label} has {arch.num_pools} 2x2 max-pools, so its input "
             f"side must be a multiple of {factor} and at least {factor} (e.g. {factor}, "
-            f"{2 * factor}, {7 * factor})"
+            f"{2 * factor}, {7 * factor}); set --image-size (train) or --input (summary)"
         )
 
 

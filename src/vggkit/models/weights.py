@@ -102,3 +102,57 @@ def load_matching(
     report.loaded = list(take)
     report.missing += head_keys
     return report
+
+
+def conv_positions(config: str, batch_norm: bool, block_order: str = "conv-bn-relu",
+                   pool_dropout: bool = False) -> list[tuple[int, int, int, int | None]]:
+    """(stage, index in stage, conv module index, BatchNorm module index) for each conv of
+    a CONV_CONFIGS entry, as ``make_features`` lays them out."""
+    from vggkit.models.vgg import CONV_CONFIGS
+
+    out = []
+    index = stage = in_stage = 0
+    for item in CONV_CONFIGS[config]:
+        if item == "M":
+            index += 2 if pool_dropout else 1
+            stage += 1
+            in_stage = 0
+            continue
+        bn = None
+        if batch_norm:
+            bn = index + 1 if block_order == "conv-bn-relu" else index + 2
+        out.append((stage, in_stage, index, bn))
+        index += 3 if batch_norm else 2
+        in_stage += 1
+    return out
+
+
+def remap_stagewise(state: dict[str, torch.Tensor], source_arch, target_arch) -> dict[str, torch.Tensor]:
+    """Rename a shallower VGG's conv layers onto a deeper one's, stage by stage: the k-th
+    conv of each pooling stage initialises the k-th conv of the same stage, as the VGG paper
+    initialised nets B-E from net A. Dense layers keep their names."""
+    def positions(arch):
+        return {
+            (s, i): (c, b)
+            for s, i, c, b in conv_positions(arch.config, arch.batch_norm, arch.block_order,
+                                             bool(arch.pool_dropout))
+        }
+
+    src, dst = positions(source_arch), positions(target_arch)
+    renames: dict[str, str] = {}
+    for key, (src_conv, src_bn) in src.items():
+        if key not in dst:
+            continue
+        dst_conv, dst_bn = dst[key]
+        renames[f"features.{src_conv}."] = f"features.{dst_conv}."
+        if src_bn is not None and dst_bn is not None:
+            renames[f"features.{src_bn}."] = f"features.{dst_bn}."
+    out = {}
+    for name, value in state.items():
+        if name.startswith("features."):
+            prefix = ".".join(name.split(".")[:2]) + "."
+            if prefix not in renames:
+                continue
+            name = renames[prefix] + name[len(prefix):]
+        out[name] = value
+    return out

@@ -1,0 +1,343 @@
+"""Command-line interface: argument parsing only; each command calls one API function.
+
+The flags of ``vggkit train`` are generated from ``vggkit.config.TrainConfig``, so a flag
+and a ``--config`` YAML key are the same thing (``--batch-size`` <-> ``batch_size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from vggkit import __version__
+from vggkit.errors import UsageError, VggkitError
+
+log = logging.getLogger("vggkit")
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """'3x32x32' (or '32' for 3x32x32) -> (3, 32, 32)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--input {text!r}: expected CxHxW like 3x32x32") from None
+    if len(values) == 1:
+        values = [3, values[0], values[0]]
+    if len(values) != 3 or values[1] != values[2] or min(values) < 1:
+        raise UsageError(f"--input {text!r}: expected a square CxHxW like 3x32x32 or 1x64x64")
+    return values[0], values[1], values[2]
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("vggkit")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from vggkit.config import resolve_config
+    from vggkit.training.trainer import train
+
+    flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
+    config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
+    summary = train(config, progress=not args.quiet)
+    if args.json:
+        print_json(summary)
+    else:
+        acc = f"test accuracy {100 * summary['test_acc']:.2f}%"
+        print(f"{acc}  time of learning {summary['train_seconds']:.1f}s  run {summary['run']}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from vggkit.models import create_model, format_summary, summary_dict
+
+    c, h, _ = parse_input_shape(args.input)
+    model = create_model(args.model, num_classes=args.classes, in_channels=c, input_size=h,
+                         head=args.head)
+    info = summary_dict(model, (c, h, h), name=args.model)
+    print_json(info) if args.json else print(format_summary(info))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from vggkit.models import ARCHITECTURES, count_parameters, create_model
+
+    c, h, _ = parse_input_shape(args.input)
+    rows = []
+    for name, arch in ARCHITECTURES.items():
+        head = args.head or arch.default_head
+        try:
+            counts = count_parameters(create_model(name, num_classes=args.classes, in_channels=c,
+                                                   input_size=h, head=head))
+        except UsageError as exc:
+            counts = {"error": str(exc)}
+        rows.append({"model": name, "head": head, **counts, "description": arch.description})
+    if args.json:
+        print_json(rows)
+        return 0
+    print(f"input {c}x{h}x{h}, {args.classes} classes")
+    print(f"{'model':<13}{'head':<10}{'total':>14}{'trainable':>14}  description")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<13}{r['head']:<10}{'-':>14}{'-':>14}  {r['error']}")
+        else:
+            print(f"{r['model']:<13}{r['head']:<10}{r['total']:>14,}{r['trainable']:>14,}  "
+                  f"{r['description']}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from vggkit.data import list_datasets
+
+    rows = list_datasets(args.data_dir)
+    if args.json:
+        print_json(rows)
+        return 0
+    width = max(len(r["name"]) for r in rows) + 2
+    for r in rows:
+        mark = "present" if r["present"] else "missing"
+        print(f"{r['name']:<{width}}{mark:<9}{r['location']}  {r.get('description', '')}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from vggkit.recipes import list_recipes, load_recipe
+
+    recipes = list_recipes()
+    if args.json:
+        print_json({name: {"description": d, "config": load_recipe(name)}
+                    for name, d in recipes.items()})
+        return 0
+    width = max((len(n) for n in recipes), default=0) + 2
+    for name, description in recipes.items():
+        print(f"{name:<{width}}{description}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vggkit.evaluation import evaluate, format_evaluation
+
+    result = evaluate(args.run, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                      tta=args.tta, out_dir=args.out, device=args.device,
+                      precision=args.precision, batch_size=args.batch_size)
+    print_json(result) if args.json else print(format_evaluation(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from vggkit.evaluation.report import write_report
+
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        if not (run / "summary.json").is_file() and not (run / "metrics.jsonl").is_file():
+            raise UsageError(f"{run}: not a run folder (no summary.json or metrics.jsonl)")
+    out = Path(args.out) if args.out else (
+        runs[0] if len(runs) == 1 else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    paths = write_report(runs, out)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vggkit.evaluation import format_predictions, predict
+
+    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device)
+    print_json(results) if args.json else print(format_predictions(results))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vggkit.evaluation.export import export_onnx
+
+    result = export_onnx(args.checkpoint, args.onnx, opset=args.opset, overwrite=args.overwrite)
+    print(f"wrote {result['path']} (opset {result['opset']}, input {result['input_shape']}); "
+          f"onnxruntime vs PyTorch max abs difference {result['max_abs_diff']:.2e}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+_TRAIN_FIELDS: set[str] = set()
+_GROUP_TITLES = {
+    "model": "model", "data": "data", "augmentation": "augmentation (whole batch, on device)",
+    "training": "optimisation", "engine": "engine", "output": "output",
+}
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults suppressed so that only flags the user
+    gave override the recipe and the config file."""
+    from vggkit.config import TrainConfig, field_type
+
+    groups = {k: parser.add_argument_group(v) for k, v in _GROUP_TITLES.items()}
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        _TRAIN_FIELDS.add(f.name)
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = field_type(f.name)
+        default = getattr(defaults, f.name)
+        shown = ",".join(f"{v:g}" for v in default) if isinstance(default, list) else default
+        help_text = f"{meta['help']} (default: {shown})"
+        group = groups[meta["group"]]
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        # Values stay strings here; config.coerce converts them with messages naming the flag.
+        group.add_argument(flag, **kwargs)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options (keys = flag "
+                        "names with underscores); flags given here override it")
+    parser.add_argument("--recipe", metavar="NAME", help="start from a named recipe "
+                        "(`vggkit recipes`); the config file and flags override it")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a did-you-mean for mistyped flags (Python 3.12 has its own)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            from vggkit.errors import did_you_mean
+
+            parsers = [self] + [p for a in self._actions
+                                if isinstance(a, argparse._SubParsersAction)
+                                for p in a.choices.values()]
+            known = sorted({o for p in parsers for a in p._actions for o in a.option_strings
+                            if o.startswith("--")})
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    hint = did_you_mean(word.split("=")[0], known)
+                    if hint:
+                        message += hint
+                        break
+        super().error(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = Parser(
+        prog="vggkit", parents=[common],
+        description="Train, evaluate and ship VGG-family image classifiers.")
+    parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, func: Callable[[argparse.Namespace], int]
+                ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.__class__ = Parser
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", "train a model and write a run folder (no arguments: a small VGG on "
+                "the embedded digits set)", cmd_train)
+    add_train_flags(p)
+
+    p = command("evaluate", "accuracy, per-class metrics and confusion matrix of a run or "
+                "checkpoint", cmd_evaluate)
+    p.add_argument("run", metavar="RUN|CHECKPOINT")
+    p.add_argument("--dataset", help="evaluate on another dataset (default: the run's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped view")
+    p.add_argument("--out", help="folder for confusion_matrix.csv/.png (default: the run folder)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command("report", "HTML + Markdown report of one run, or a comparison of several",
+                cmd_report)
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", help="output folder (default: the run folder, or "
+                   "runs/compare-<timestamp> for several runs)")
+
+    p = command("predict", "class probabilities for image files", cmd_predict)
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true")
+
+    p = command("export", "export to ONNX and check it against PyTorch with onnxruntime",
+                cmd_export)
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
+    p.add_argument("--opset", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+    p = command("summary", "Keras-style layer table with output shapes and parameter counts",
+                cmd_summary)
+    p.add_argument("model")
+    p.add_argument("--input", default="3x32x32", metavar="CxHxW")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--head")
+    p.add_argument("--json", action="store_true")
+
+    p = command("models", "list the registered networks with their parameter counts",
+                cmd_models)
+    p.add_argument("--input", default="3x32x32", metavar="CxHxW")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--head", help="count with this head instead of each model's default")
+    p.add_argument("--json", action="store_true")
+
+    p = command("datasets", "list the datasets, where they are looked for, and whether "
+                "they are present", cmd_datasets)
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true")
+
+    p = command("recipes", "list the named training recipes", cmd_recipes)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    try:
+        return args.func(args)
+    except VggkitError as exc:
+        if args.debug:
+            raise
+        print(f"vggkit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("vggkit: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as exc:
+        # torch.OutOfMemoryError (CUDA) is a RuntimeError; other RuntimeErrors are bugs.
+        if args.debug or not (isinstance(exc, MemoryError) or "out of memory" in str(exc)):
+            raise
+        print("vggkit: error: out of memory; try a smaller --batch-size", file=sys.stderr)
+        return 1

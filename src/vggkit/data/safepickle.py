@@ -1,0 +1,168 @@
+"""A restricted unpickler for the CIFAR "python version" batch files.
+
+Those files are Python 2 pickles of a dict holding a numpy uint8 array, lists of ints and strings.
+Plain ``pickle.load`` on a downloaded file would run whatever callable the file names, so this
+unpickler admits only the globals those files need, and even those are replaced by inert
+stand-ins: numpy's array/dtype reconstruction yields a ``_ArrayStub``/``_DtypeStub`` that merely
+records its arguments. After unpickling, the stubs are validated (numeric dtype, shape consistent
+with the byte count) and only then turned into real arrays with ``np.frombuffer``, so no numpy
+code ever runs on unchecked state. Any other global, persistent id or malformed stream raises
+``pickle.UnpicklingError`` before anything is called.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+from typing import Any
+
+import numpy as np
+
+# Dtype strings the stubs accept: plain numeric scalars, optionally with a byte-order prefix.
+_DTYPE_RE = re.compile(r"^[<>|=]?(b1|u1|i1|u2|i2|u4|i4|u8|i8|f4|f8|\?|b|B|h|H|i|I|l|L|q|Q|f|d)$")
+MAX_ELEMENTS = 1 << 34  # far above any real batch; stops absurd shapes before any allocation
+
+
+class _DtypeStub:
+    """Stands in for ``numpy.dtype(obj, align, copy)`` until validated."""
+
+    def __init__(self, obj: Any = None, align: Any = False, copy: Any = False, *rest: Any) -> None:
+        if rest:
+            raise pickle.UnpicklingError("numpy.dtype called with unexpected arguments")
+        if isinstance(obj, bytes):
+            obj = obj.decode("latin1")
+        if not isinstance(obj, str) or not _DTYPE_RE.match(obj):
+            raise pickle.UnpicklingError(f"dtype {obj!r} is not a plain numeric type")
+        self.spec = obj
+        self.byteorder = "|"
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        if not isinstance(state, tuple) or len(state) < 8:
+            raise pickle.UnpicklingError("malformed dtype state")
+        byteorder = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]
+        if byteorder not in ("|", "<", ">", "=") or any(s is not None for s in state[2:5]):
+            raise pickle.UnpicklingError("dtype state with fields or sub-arrays is not allowed")
+        self.byteorder = byteorder
+
+    def to_dtype(self) -> np.dtype:
+        dt = np.dtype(self.spec)
+        if self.byteorder in ("<", ">"):
+            dt = dt.newbyteorder(self.byteorder)
+        return dt
+
+
+class _ArrayStub:
+    """Stands in for ``numpy.core.multiarray._reconstruct(ndarray, shape, typecode)``."""
+
+    def __init__(self, subtype: Any = None, shape: Any = None, typecode: Any = None) -> None:
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError("only plain numpy arrays are allowed")
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def to_array(self) -> np.ndarray:
+        state = self.state
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("malformed array state")
+        shape, dtype, fortran, data = state[-4:]
+        return _build(shape, dtype, "F" if fortran else "C", data)
+
+
+class _FrombufferStub:
+    """Stands in for numpy's protocol-5 ``_frombuffer(buffer, dtype, shape, order)``."""
+
+    def __init__(self, buf: Any = None, dtype: Any = None, shape: Any = None, order: Any = "C") -> None:
+        self.args = (shape, dtype, order, buf)
+
+    def to_array(self) -> np.ndarray:
+        shape, dtype, order, buf = self.args
+        return _build(shape, dtype, order, buf)
+
+
+class _NdarrayMarker:
+    """What the pickle gets for ``numpy.ndarray``: usable only as _reconstruct's first argument."""
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+def _build(shape: Any, dtype: Any, order: Any, data: Any) -> np.ndarray:
+    """Validate the recorded pieces of an array and assemble it from its bytes."""
+    if not isinstance(dtype, _DtypeStub):
+        raise pickle.UnpicklingError("array dtype is not a plain numpy dtype")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise pickle.UnpicklingError(f"malformed array shape {shape!r}")
+    if order not in ("C", "F"):
+        raise pickle.UnpicklingError(f"malformed array order {order!r}")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise pickle.UnpicklingError(f"array shape {shape} is implausibly large")
+    if isinstance(data, str):  # Python 2 str read with encoding='latin1'
+        data = data.encode("latin1")
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("array data is not a byte string")
+    dt = dtype.to_dtype()
+    if len(data) != count * dt.itemsize:
+        raise pickle.UnpicklingError(
+            f"array data holds {len(data)} bytes but shape {shape} of {dt} needs {count * dt.itemsize}"
+        )
+    return np.frombuffer(data, dtype=dt).reshape(shape, order=order)
+
+
+def _latin1_encode(obj: Any, encoding: Any = "latin1", errors: Any = "strict") -> bytes:
+    """Python 3 pickles of bytes at protocol 2 call ``_codecs.encode(str, 'latin1')``; only that."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for latin1 text")
+    return obj.encode("latin1")
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _ArrayStub,
+    ("numpy._core.multiarray", "_reconstruct"): _ArrayStub,
+    ("numpy.core.numeric", "_frombuffer"): _FrombufferStub,
+    ("numpy._core.numeric", "_frombuffer"): _FrombufferStub,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DtypeStub,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits only the globals in ``_ALLOWED`` (inert stand-ins), nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a dataset file") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed in a dataset file")
+
+
+def _materialise(obj: Any, depth: int = 0) -> Any:
+    """Replace the stubs in a loaded object tree by validated numpy arrays."""
+    if depth > 50:
+        raise pickle.UnpicklingError("object nesting too deep")
+    if isinstance(obj, (_ArrayStub, _FrombufferStub)):
+        return obj.to_array()
+    if isinstance(obj, (_DtypeStub, _NdarrayMarker)):
+        raise pickle.UnpicklingError("stray numpy type object in a dataset file")
+    if isinstance(obj, dict):
+        return {_materialise(k, depth + 1): _materialise(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialise(v, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialise(v, depth + 1) for v in obj)
+    return obj
+
+
+def restricted_loads(data: bytes) -> Any:
+    """Unpickle ``data`` (a Python 2 or 3 pickle) allowing only plain containers and numeric arrays."""
+    obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    return _materialise(obj)

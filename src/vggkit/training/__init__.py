@@ -1,0 +1,1 @@
+"""Training: the engine, the loop, checkpoints, schedules and torchrun support."""
