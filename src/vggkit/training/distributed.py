@@ -74,6 +74,14 @@ def broadcast_object(value, info: DistInfo):
     return box[0]
 
 
+def all_gather_object(value, info: DistInfo) -> list:
+    if not info.enabled:
+        return [value]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -101,6 +101,10 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A float batch on the device in the engine's memory format."""
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device, memory_format=self.memory_format)
         return model

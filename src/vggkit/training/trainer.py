@@ -169,6 +169,17 @@ def _is_vggkit_checkpoint(path: Path) -> bool:
         return False
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer's bytes: equal digests, equal weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -526,6 +537,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 "lr": optimizer.param_groups[0]["lr"],
                 "epoch_seconds": epoch_seconds,
                 "images_per_second": sums[2].item() / max(1e-9, epoch_seconds),
+                "train_samples": int(sums[2].item()),
                 "elapsed_seconds": train_seconds,
             }
             if main:
@@ -553,6 +565,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     logits, labels = collect_logits(model, test_loader, engine, tta=config.tta)
     test = score(logits, labels)
     history = read_metrics(metrics_path)
+    digests = D.all_gather_object(weights_digest(model), dist)
+    if len(set(digests)) > 1:
+        log.warning("processes ended with different weights: %s", digests)
     summary = {
         "run": str(out),
         "test_loss": test["loss"],
@@ -572,6 +587,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "model": meta_base["model"],
         "dataset": meta_base["dataset"],
         "engine": {**engine.describe(), "world_size": dist.world_size},
+        "weights_digest": digests[0],
+        "rank_weights_digests": digests,
         "precision": engine.precision,
         "software": {k: v for k, v in environment_info(engine).items()
                      if k in ("vggkit", "torch", "python", "numpy")},
