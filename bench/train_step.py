@@ -1,0 +1,172 @@
+"""Training-step throughput: vggkit's engine against a plain PyTorch eager fp32 loop.
+
+For each network, one step = forward + backward + SGD-Nesterov update on a fixed batch of
+random 3x32x32 images (10 classes). The two loops run in the same process, alternating
+window by window; the table gives the median images/s of the windows, the achieved TFLOP/s
+(convolution + dense FLOPs of forward, backward-data and backward-weights) and that as a
+fraction of the bf16 3x3-convolution peak measured in the same process.
+
+    python bench/train_step.py --quick     # vgg16_bn + compact, < 3 minutes
+    python bench/train_step.py             # all five networks
+    python bench/train_step.py --profile vgg16_bn   # where the step time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import _common as C  # noqa: E402
+from vggkit.models import create_model  # noqa: E402
+from vggkit.training.engine import TrainStep, make_engine  # noqa: E402
+
+NETS = {
+    "vgg11_bn": ("vgg11_bn", "linear"),
+    "vgg16_bn": ("vgg16_bn", "linear"),
+    "vgg19_bn": ("vgg19_bn", "linear"),
+    "vgg_compact": ("vgg_compact", "compact"),
+    "vgg16_bn+4096": ("vgg16_bn", "classic"),
+}
+
+
+def conv_peak(dtype: torch.dtype, batch: int = 256) -> float:
+    """Best TFLOP/s of one 3x3 convolution forward (256 -> 256 channels at 8x8, channels_last)
+    over a few tries: the reference for 'fraction of peak'."""
+    x = torch.randn(batch, 256, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
+    flops = 2 * batch * 256 * 256 * 9 * 64
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(6):
+            t0 = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e12
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    arch, head = NETS[name]
+    torch.manual_seed(seed)
+    return create_model(arch, num_classes=10, head=head)
+
+
+def plain_fp32_loop(name: str, batch: int):
+    """The loop a PyTorch tutorial writes: eager, fp32, NCHW."""
+    model = build(name)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def vggkit_loop(name: str, batch: int, args):
+    engine = make_engine("cpu", args.precision, channels_last=True, compile=args.compile,
+                         threads=args.threads)
+    model = engine.prepare(build(name))
+    model = engine.maybe_compile(model)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step = TrainStep(model, opt, nn.CrossEntropyLoss(), engine)
+    g = torch.Generator().manual_seed(1)
+    x = engine.to_input(torch.randn(batch, 3, 32, 32, generator=g))
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return (lambda: step(x, y)), engine
+
+
+def run(args) -> None:
+    names = args.nets or (["vgg16_bn", "vgg_compact"] if args.quick else list(NETS))
+    windows = args.windows or (3 if args.quick else 5)
+    peak_bf16 = conv_peak(torch.bfloat16)
+    peak_fp32 = conv_peak(torch.float32)
+    rows = []
+    engine_desc = None
+    for name in names:
+        steps = 1 if ("vgg" in name and "compact" not in name and args.quick) else 2
+        if "compact" in name:
+            steps *= 4
+        base = plain_fp32_loop(name, args.batch)
+        fast, engine = vggkit_loop(name, args.batch, args)
+        engine_desc = engine.describe()
+        t0 = time.perf_counter()
+        fast()  # warm-up (and compilation, when compiling)
+        warm = time.perf_counter() - t0
+        fast()
+        base()
+        times = C.interleave({"vggkit": fast, "plain": base}, windows, steps)
+        tv, tb = C.median(times["vggkit"]), C.median(times["plain"])
+        _, train_flops = C.conv_train_flops(build(name), (3, 32, 32))
+        tflops = train_flops * args.batch / tv / 1e12
+        peak = peak_bf16 if engine.precision == "bf16" else peak_fp32
+        row = [name, f"{args.batch / tb:,.0f}", f"{args.batch / tv:,.0f}", f"{tb / tv:.2f}x",
+               f"{train_flops / 1e9:.2f}", f"{tflops:.3f}", f"{tflops / peak:.0%}", f"{warm:.1f}"]
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+    peak_bf16 = max(peak_bf16, conv_peak(torch.bfloat16))
+    header = ["network", "plain fp32 eager img/s", "vggkit img/s", "ratio", "train GFLOP/img",
+              "vggkit TFLOP/s", "of conv peak", "first step s"]
+    table = C.markdown_table(header, rows)
+    print(table)
+    body = (f"Command: `{C.command_line()}`\n\n"
+            f"Machine: {C.machine_line()}\n\n"
+            f"vggkit engine: {engine_desc}\n\n"
+            f"Batch {args.batch}, 3x32x32, 10 classes, SGD-Nesterov; median of {windows} "
+            f"alternating windows. Measured 3x3-conv peak in this run (256ch at 8x8, batch 256, "
+            f"forward): bf16 {peak_bf16:.2f} TFLOP/s, fp32 {peak_fp32:.2f} TFLOP/s.\n\n{table}\n")
+    if args.record:
+        C.record("train_step" + ("_quick" if args.quick else ""), body)
+
+
+def profile(args) -> None:
+    """Operator table of a few engine steps, by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    name = args.profile
+    fast, engine = vggkit_loop(name, args.batch, args)
+    for _ in range(2):
+        fast()
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            fast()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="vgg16_bn and the compact net, 3 windows")
+    ap.add_argument("--nets", nargs="*", choices=list(NETS))
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=0)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", metavar="NET", choices=list(NETS))
+    ap.add_argument("--no-record", dest="record", action="store_false",
+                    help="do not write the table into docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    if args.profile:
+        profile(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
