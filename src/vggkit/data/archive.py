@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from vggkit.errors import DataError
 
@@ -39,9 +39,9 @@ def unsafe_name_reason(name: str) -> str | None:
     if not name or "\x00" in name:
         return "an empty or NUL-containing name"
     norm = name.replace("\\", "/")
-    if norm.startswith("/") or PurePosixPath(norm).is_absolute() or (len(norm) > 1 and norm[1] == ":"):
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
         return "an absolute path"
-    if ".." in PurePosixPath(norm).parts:
+    if ".." in norm.split("/"):
         return "a '..' path component"
     return None
 
@@ -57,7 +57,7 @@ def check_tar_member(archive: Path, member: tarfile.TarInfo) -> None:
     reason = unsafe_name_reason(member.name)
     if reason is None and (member.issym() or member.islnk()):
         target = member.linkname
-        if not target or target.startswith("/") or PurePosixPath(target).is_absolute():
+        if not target or target.replace("\\", "/").startswith("/"):
             reason = f"a link to the absolute path {target!r}"
         else:
             # Symlinks resolve relative to their own folder, hard links relative to the root.

@@ -1,0 +1,460 @@
+"""Image folders: a directory or a .zip holding ``train/<class>/*`` and ``test/<class>/*``.
+
+Also accepted: one set of class folders (the caller holds a test split out of it), ``val``/
+``valid``/``validation`` in place of ``test``, and any number of single enclosing folders above
+the layout (``cifar10/train/...``). Hidden files and folders, ``__MACOSX``, ``Thumbs.db`` and
+``desktop.ini`` are ignored; every other file inside a class folder (at any depth) must be a PNG,
+JPEG or BMP image that Pillow decodes, else it is an error naming the file, or, with
+``skip_bad_images``, skipped and counted. Pillow's decompression-bomb limit stays on.
+
+Decoding is the slow part, so the decoded uint8 arrays are cached (``.npy`` + ``meta.json``,
+written to a temporary folder and renamed into place) under a key made from the source's identity
+(path, size and mtime of a zip; the relative paths, sizes and mtimes of a directory's files) and
+the target image size. A second load of the same source reads the arrays back in about a second.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vggkit.data.archive import ARCHIVE_ERRORS, check_zip_member
+from vggkit.data.sources.base import RawData
+from vggkit.errors import DataError, UsageError
+
+log = logging.getLogger("vggkit.data")
+
+FORMATS = ("PNG", "JPEG", "BMP")
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+TEST_NAMES = ("test", "val", "valid", "validation")
+CACHE_VERSION = 1
+_CHUNK = 256  # images per worker task: large enough to amortise scheduling, small for progress
+
+
+def _ignored(rel: str) -> bool:
+    return any(p.startswith(".") or p in IGNORED_NAMES for p in rel.split("/"))
+
+
+@dataclass
+class _Source:
+    """A file tree (directory or zip) seen as relative posix paths."""
+
+    root: Path
+    files: list[str]  # relative paths of regular files
+    dirs: set[str]  # relative paths of folders (including implied ones)
+    is_zip: bool
+
+    def display(self, rel: str) -> str:
+        return f"{self.root}:{rel}" if self.is_zip else str(self.root / rel)
+
+
+def _scan_dir(root: Path) -> tuple[_Source, str]:
+    files, dirs, listing = [], set(), []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath).relative_to(root).as_posix()
+        base = "" if base == "." else base + "/"
+        for d in dirnames:
+            dirs.add(base + d)
+        for name in sorted(filenames):
+            rel = base + name
+            try:
+                st = os.stat(Path(dirpath) / name)
+            except OSError as exc:
+                raise DataError(f"{Path(dirpath) / name}: cannot read ({exc.strerror})") from None
+            files.append(rel)
+            listing.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(listing).encode("utf-8", "surrogateescape")).hexdigest()
+    return _Source(root, files, dirs, False), f"dir:{root}:{digest}"
+
+
+def _zip_identity(path: Path) -> str:
+    st = path.stat()
+    return f"zip:{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _scan_zip(path: Path) -> _Source:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except ARCHIVE_ERRORS as exc:
+        raise DataError(f"{path}: not a readable zip archive ({exc})") from None
+    files, dirs = [], set()
+    for info in infos:
+        check_zip_member(path, info)
+        name = info.filename.replace("\\", "/")
+        parts = name.rstrip("/").split("/")
+        for i in range(1, len(parts)):
+            dirs.add("/".join(parts[:i]))
+        if info.is_dir():
+            dirs.add("/".join(parts))
+        else:
+            files.append(name)
+    return _Source(path, files, dirs, True)
+
+
+@dataclass
+class _Layout:
+    prefix: str
+    train: str | None  # relative folder of the train split, None for a single set
+    test: str | None
+    classes: list[str]
+    train_files: list[tuple[str, int]]  # (relative path, label)
+    test_files: list[tuple[str, int]]
+
+
+def _children(src: _Source, folder: str) -> tuple[list[str], list[str]]:
+    """(sub-folder names, file names) directly inside ``folder`` ('' = root), ignoring hidden ones."""
+    pre = folder + "/" if folder else ""
+    subdirs = sorted({d[len(pre):].split("/")[0] for d in src.dirs if d.startswith(pre) and d != folder and not _ignored(d)})
+    files = sorted(f[len(pre):] for f in src.files if f.startswith(pre) and "/" not in f[len(pre):] and not _ignored(f))
+    return subdirs, files
+
+
+def _class_files(src: _Source, folder: str) -> dict[str, list[str]]:
+    """Class name -> sorted image paths (recursively) for the class folders inside ``folder``."""
+    subdirs, _ = _children(src, folder)
+    pre = folder + "/" if folder else ""
+    out: dict[str, list[str]] = {c: [] for c in subdirs}
+    for f in src.files:
+        if f.startswith(pre) and not _ignored(f):
+            parts = f[len(pre):].split("/")
+            if len(parts) >= 2 and parts[0] in out:
+                out[parts[0]].append(f)
+    for c in out:
+        out[c].sort()
+    return out
+
+
+def _detect_layout(src: _Source) -> _Layout:
+    prefix = ""
+    # Descend through single enclosing folders (e.g. cifar10/ in cifar10-jpg.zip).
+    while True:
+        subdirs, files = _children(src, prefix)
+        if len(subdirs) != 1 or files or subdirs[0].lower() in ("train", *TEST_NAMES):
+            break
+        inner = f"{prefix}/{subdirs[0]}" if prefix else subdirs[0]
+        if not _children(src, inner)[0]:
+            break  # a lone class folder holding images: not an enclosing folder
+        prefix = inner
+    subdirs, _ = _children(src, prefix)
+    lower = {d.lower(): d for d in subdirs}
+    join = lambda d: f"{prefix}/{d}" if prefix else d  # noqa: E731
+    train = join(lower["train"]) if "train" in lower else None
+    test = next((join(lower[n]) for n in TEST_NAMES if n in lower), None)
+    where = src.display(prefix) if prefix else str(src.root)
+    if train is None and test is not None:
+        raise DataError(f"{src.display(test)}: found a test folder but no train/ folder beside it")
+    sets = {"train": train if train is not None else prefix}
+    if train is not None and test is not None:
+        sets["test"] = test
+    by_set = {name: _class_files(src, folder) for name, folder in sets.items()}
+    for name, folder in sets.items():
+        classes = by_set[name]
+        shown = src.display(folder) if folder else str(src.root)
+        if len(classes) < 2:
+            raise DataError(
+                f"{shown}: found {len(classes)} class folder(s); expected train/<class>/ and test/<class>/ "
+                "folders, or at least two <class>/ folders of images"
+            )
+        for cls, files in classes.items():
+            if not files:
+                raise DataError(f"{src.display(f'{folder}/{cls}' if folder else cls)}: empty class folder")
+    classes = list(by_set["train"])
+    if "test" in by_set and set(by_set["test"]) != set(classes):
+        only_train = sorted(set(classes) - set(by_set["test"]))
+        only_test = sorted(set(by_set["test"]) - set(classes))
+        detail = "; ".join(
+            s for s in (f"only in train: {', '.join(only_train)}" if only_train else "",
+                        f"only in test: {', '.join(only_test)}" if only_test else "") if s
+        )
+        raise DataError(f"{where}: class folders differ between {src.display(train)} and {src.display(test)} ({detail})")
+    index = {c: i for i, c in enumerate(classes)}
+    flat = {name: [(f, index[c]) for c, fs in by_set[name].items() for f in fs] for name in by_set}
+    return _Layout(prefix, train, test, classes, flat["train"], flat.get("test", []))
+
+
+class _BadImage(Exception):
+    pass
+
+
+def _decode(blob: bytes, size: tuple[int, int] | None) -> tuple[np.ndarray, bool]:
+    """Bytes -> (H, W) or (H, W, 3) uint8 and whether the image is grayscale."""
+    try:
+        with Image.open(io.BytesIO(blob), formats=FORMATS) as img:
+            if size is not None and img.format == "JPEG":
+                img.draft(img.mode, size)  # let libjpeg downscale big photos by 1/2..1/8 for free
+            gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            if img.mode.startswith("I;16"):
+                img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+            elif img.mode in ("I", "F"):
+                img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+            img = img.convert("L" if gray else "RGB")
+            if size is not None and img.size != size:
+                # Pillow's bilinear filter widens its support when shrinking, i.e. it antialiases.
+                img = img.resize(size, Image.Resampling.BILINEAR)
+            return np.asarray(img), gray
+    except Exception as exc:  # noqa: BLE001 - Pillow's failure modes are many (OSError, SyntaxError, ...)
+        if isinstance(exc, Image.UnidentifiedImageError):
+            raise _BadImage(f"not a {'/'.join(FORMATS)} image") from None
+        raise _BadImage(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def _make_reader(src: _Source) -> tuple[Callable[[str], bytes], Callable[[], None]]:
+    """A thread-safe ``read(rel) -> bytes`` and a ``close()``: one zip handle per thread."""
+    if not src.is_zip:
+        return (lambda rel: (src.root / rel).read_bytes()), (lambda: None)
+    local = threading.local()
+    handles: list[zipfile.ZipFile] = []
+    lock = threading.Lock()
+
+    def read(rel: str) -> bytes:
+        zf = getattr(local, "zf", None)
+        if zf is None:
+            zf = local.zf = zipfile.ZipFile(src.root)
+            with lock:
+                handles.append(zf)
+        return zf.read(rel)
+
+    def close() -> None:
+        for zf in handles:
+            zf.close()
+
+    return read, close
+
+
+def _decode_all(
+    src: _Source, files: list[str], image_size: int | None, skip_bad: bool, progress: bool
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Decode ``files`` into uint8 (N, C, H, W); returns (images, kept indices, [(file, reason)] bad)."""
+    read, close = _make_reader(src)
+    try:
+        size: tuple[int, int] | None = (image_size, image_size) if image_size else None
+        bad: list[tuple[str, str]] = []
+        first = 0
+        target = size
+        # The first decodable image fixes the size when no --image-size is given.
+        while target is None and first < len(files):
+            try:
+                arr, _ = _decode(_read_or_bad(read, src, files[first]), None)
+                target = (arr.shape[1], arr.shape[0])
+            except _BadImage as exc:
+                bad.append((files[first], str(exc)))
+                first += 1
+        if target is None:
+            target = (1, 1)
+        out = np.zeros((len(files), target[1], target[0], 3), dtype=np.uint8)
+        gray = np.zeros(len(files), dtype=bool)
+        ok = np.zeros(len(files), dtype=bool)
+        mismatch: list[tuple[str, tuple[int, int]]] = []
+        stop = threading.Event()  # set on a size mismatch: the remaining work is pointless
+
+        def work(lo: int, hi: int) -> list[tuple[str, str]]:
+            bad_here: list[tuple[str, str]] = []
+            for i in range(lo, hi):
+                if stop.is_set():
+                    break
+                try:
+                    arr, g = _decode(_read_or_bad(read, src, files[i]), size)
+                except _BadImage as exc:
+                    bad_here.append((files[i], str(exc)))
+                    continue
+                if arr.shape[:2] != out.shape[1:3]:
+                    mismatch.append((files[i], (arr.shape[1], arr.shape[0])))
+                    stop.set()
+                    break
+                out[i] = arr[:, :, None] if arr.ndim == 2 else arr
+                gray[i] = g
+                ok[i] = True
+            return bad_here
+
+        workers = max(1, min(8, os.cpu_count() or 1))
+        chunks = [(lo, min(lo + _CHUNK, len(files))) for lo in range(first, len(files), _CHUNK)]
+        enabled = progress and sys.stderr is not None and sys.stderr.isatty()
+        with tqdm(total=len(files), unit="img", desc=f"decoding {src.root.name}", file=sys.stderr,
+                  disable=not enabled, leave=False) as bar, \
+                concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for (lo, hi), got in zip(chunks, pool.map(lambda c: work(*c), chunks)):
+                bad.extend(got)
+                bar.update(hi - lo)
+                if mismatch:
+                    break
+        if mismatch:
+            rel, (w, h) = mismatch[0]
+            raise DataError(
+                f"{src.display(rel)}: image is {w}x{h} but {src.display(files[0])} is {target[0]}x{target[1]}; "
+                "pass --image-size to resize every image to one size"
+            )
+        bad.sort()
+        if bad and not skip_bad:
+            rel, reason = bad[0]
+            more = f" ({len(bad)} bad files in all)" if len(bad) > 1 else ""
+            raise DataError(f"{src.display(rel)}: {reason}{more}; pass --skip-bad-images to skip such files")
+        keep = np.flatnonzero(ok)
+        images = out[keep]
+        channels = 1 if len(keep) and gray[keep].all() else 3
+        images = np.ascontiguousarray(images[..., :channels].transpose(0, 3, 1, 2))
+        return images, keep.tolist(), bad
+    finally:
+        close()
+
+
+def _read_or_bad(read: Callable[[str], bytes], src: _Source, rel: str) -> bytes:
+    try:
+        return read(rel)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise _BadImage(f"cannot read ({exc})") from None
+
+
+def _cache_key(identity: str, image_size: int | None) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "source": identity, "image_size": image_size}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _cache_load(folder: Path) -> dict | None:
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        arrays = {k: np.load(folder / f"{k}.npy", allow_pickle=False) for k in meta["arrays"]}
+        classes, skipped = meta["classes"], meta["skipped"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return None  # a damaged cache entry is simply rebuilt
+    pairs = [("x_train", "y_train")] + ([("x_test", "y_test")] if "x_test" in arrays else [])
+    for xk, yk in pairs:
+        x, y = arrays.get(xk), arrays.get(yk)
+        if x is None or y is None or x.dtype != np.uint8 or x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+            return None
+        if y.size and (y.min() < 0 or y.max() >= len(classes)):
+            return None
+    if not isinstance(classes, list) or not isinstance(skipped, list):
+        return None
+    meta["loaded"] = arrays
+    return meta
+
+
+def _cache_store(cache_dirs: list[Path], name: str, meta: dict, arrays: dict[str, np.ndarray]) -> Path | None:
+    """Write the entry atomically in the first writable cache folder; None if none is writable."""
+    for base in cache_dirs:
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=base))
+        except OSError:
+            continue
+        try:
+            for key, arr in arrays.items():
+                np.save(tmp / f"{key}.npy", arr, allow_pickle=False)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "arrays": list(arrays)}, indent=1))
+            final = base / name
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if (final / "meta.json").is_file():  # another process won the race
+                    return final
+                raise
+            return final
+        except OSError as exc:
+            log.warning("could not write the decoded-image cache in %s (%s)", base, exc)
+            continue
+        finally:
+            with contextlib.suppress(OSError):
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+    return None
+
+
+def load_folder(
+    path: Path,
+    *,
+    image_size: int | None,
+    skip_bad_images: bool,
+    cache_dirs: list[Path],
+    progress: bool = True,
+) -> RawData:
+    """Decode (or fetch from the cache) an image-folder dataset."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    # A zip is identified by its stat alone, so a cache hit needs no scan of its member list.
+    if path.is_dir():
+        src, identity = _scan_dir(path)
+    elif zipfile.is_zipfile(path):
+        src, identity = None, _zip_identity(path)
+    else:
+        raise DataError(f"{path}: neither a folder nor a .zip archive")
+    name = f"folder-{(path.stem or 'data')[:40]}-{_cache_key(identity, image_size)}"
+    for base in cache_dirs:
+        meta = _cache_load(base / name) if (base / name / "meta.json").is_file() else None
+        if meta is not None:
+            log.info("loaded %s from the decoded-image cache %s", path, base / name)
+            return _from_arrays(path, meta["classes"], meta["loaded"], meta["skipped"], skip_bad_images, True)
+    if src is None:
+        src = _scan_zip(path)
+    layout = _detect_layout(src)
+    files = [f for f, _ in layout.train_files] + [f for f, _ in layout.test_files]
+    labels = np.array([y for _, y in layout.train_files] + [y for _, y in layout.test_files], dtype=np.int64)
+    is_test = np.zeros(len(files), dtype=bool)
+    is_test[len(layout.train_files):] = True
+    images, keep, bad = _decode_all(src, files, image_size, skip_bad_images, progress)
+    labels, is_test = labels[keep], is_test[keep]
+    for split, mask in (("train", ~is_test), ("test", is_test)):
+        if layout.test is None and split == "test":
+            continue
+        present = np.bincount(labels[mask], minlength=len(layout.classes))
+        if (present == 0).any():
+            folder = layout.train if split == "train" else layout.test
+            cls = layout.classes[int(np.flatnonzero(present == 0)[0])]
+            rel = f"{folder}/{cls}" if folder else cls
+            raise DataError(f"{src.display(rel)}: no decodable images left in this class folder")
+    arrays = {"x_train": images[~is_test], "y_train": labels[~is_test]}
+    if layout.test is not None:
+        arrays.update(x_test=images[is_test], y_test=labels[is_test])
+    skipped = [src.display(f) + f": {reason}" for f, reason in bad]
+    meta = {"version": CACHE_VERSION, "source": str(path), "classes": layout.classes, "skipped": skipped,
+            "image_size": image_size}
+    where = _cache_store(cache_dirs, name, meta, arrays)
+    if where is not None:
+        log.info("cached the decoded images of %s in %s", path, where)
+    if skipped:
+        log.warning("skipped %d bad image file(s) in %s", len(skipped), path)
+    return _from_arrays(path, layout.classes, arrays, skipped, skip_bad_images, False)
+
+
+def _from_arrays(
+    path: Path, classes: list[str], arrays: dict[str, np.ndarray], skipped: list[str], skip_bad: bool, cached: bool
+) -> RawData:
+    if skipped and not skip_bad:
+        more = f" ({len(skipped)} bad files in all)" if len(skipped) > 1 else ""
+        raise DataError(f"{skipped[0]}{more}; pass --skip-bad-images to skip such files")
+    return RawData(
+        list(classes),
+        arrays["x_train"],
+        arrays["y_train"].astype(np.int64),
+        arrays.get("x_test"),
+        arrays["y_test"].astype(np.int64) if "y_test" in arrays else None,
+        str(path),
+        from_cache=cached,
+        skipped=list(skipped),
+    )
+
+
+def parse_folder_arg(spec: str) -> Path:
+    """The path in ``folder:PATH`` (``~`` expanded); UsageError if empty."""
+    if not spec.strip():
+        raise UsageError("folder: needs a path, e.g. --dataset folder:path/to/images.zip")
+    return Path(spec).expanduser()
