@@ -1,0 +1,418 @@
+"""Every dataset format written small and read back exactly, plus the preparation options."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vggkit.data import DATASET_NAMES, Dataset, list_datasets, load_dataset
+from vggkit.data import testing as T
+from vggkit.data.sources.cifar import CIFAR10
+from vggkit.errors import DataError, UsageError
+
+
+def _eq(t: torch.Tensor, a: np.ndarray) -> bool:
+    return t.dtype == torch.from_numpy(np.ascontiguousarray(a)).dtype and torch.equal(t, torch.from_numpy(np.ascontiguousarray(a)))
+
+
+def _check(ds: Dataset, arrays: dict[str, np.ndarray], y_key: str = "y") -> None:
+    assert ds.x_train.dtype == torch.uint8 and ds.y_train.dtype == torch.int64
+    assert ds.x_train.is_contiguous() and ds.x_test.is_contiguous()
+    assert _eq(ds.x_train, arrays["x_train"]) and _eq(ds.y_train, arrays[f"{y_key}_train"])
+    assert _eq(ds.x_test, arrays["x_test"]) and _eq(ds.y_test, arrays[f"{y_key}_test"])
+
+
+# --- CIFAR ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("archive", [True, False], ids=["tar.gz", "extracted"])
+def test_cifar10_reads_back_exactly(tmp_path: Path, archive: bool) -> None:
+    arrays = T.write_cifar(tmp_path, "cifar10", archive=archive)
+    ds = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    _check(ds, arrays)
+    assert ds.classes == T.CIFAR10_CLASSES
+    assert ds.image_shape == (3, 32, 32) and ds.num_classes == 10 and ds.name == "cifar10"
+    assert len(ds.y_train) == 100 and len(ds.y_test) == 20
+    assert ds.source.endswith("cifar-10-python.tar.gz" if archive else "cifar-10-batches-py")
+
+
+def test_cifar100_fine_and_coarse(tmp_path: Path) -> None:
+    arrays = T.write_cifar(tmp_path, "cifar100")
+    fine = load_dataset("cifar100", data_dir=tmp_path, download=False)
+    coarse = load_dataset("CIFAR100_coarse", data_dir=tmp_path, download=False)  # names are forgiving
+    _check(fine, arrays)
+    assert fine.num_classes == 100 and fine.classes[7] == "fine07"
+    _check(coarse, arrays, y_key="coarse")
+    assert coarse.num_classes == 20 and coarse.classes[3] == "coarse03" and coarse.name == "cifar100-coarse"
+
+
+def test_cifar_batch_missing_key_names_file(tmp_path: Path) -> None:
+    members, _ = T.cifar10_files()
+    members[f"{CIFAR10.folder}/data_batch_3"] = T.py2_pickle({"data": np.zeros((2, 3072), np.uint8)})
+    for name, blob in members.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(blob)
+    with pytest.raises(DataError, match=r"data_batch_3: batch file is missing key\(s\) 'labels'"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("bad", ["shape", "labels", "range"])
+def test_cifar_batch_bad_content(tmp_path: Path, bad: str) -> None:
+    members, _ = T.cifar10_files()
+    batch = {"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}
+    if bad == "shape":
+        batch["data"] = np.zeros((2, 100), np.uint8)
+    elif bad == "labels":
+        batch["labels"] = [1]
+    else:
+        batch["labels"] = [1, 10]
+    members[f"{CIFAR10.folder}/test_batch"] = T.py2_pickle(batch)
+    for name, blob in members.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(blob)
+    with pytest.raises(DataError, match="test_batch"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_cifar_truncated_archive(tmp_path: Path) -> None:
+    blob, _ = T.cifar_archive_bytes()
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz: truncated or corrupt archive"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_cifar_garbage_archive(tmp_path: Path) -> None:
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"this is not a tar file at all" * 10)
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+# --- IDX --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["mnist-gz", "mnist-raw", "torchvision"])
+def test_mnist_layouts(tmp_path: Path, layout: str) -> None:
+    folder = tmp_path / ("MNIST/raw" if layout == "torchvision" else "mnist")
+    arrays = T.write_mnist(folder, gz=layout != "mnist-raw")
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False)
+    _check(ds, arrays)
+    assert ds.image_shape == (1, 28, 28) and ds.classes == [str(i) for i in range(10)]
+
+
+def test_fashion_mnist(tmp_path: Path) -> None:
+    arrays = T.write_mnist(tmp_path / "fashion-mnist", seed=3)
+    ds = load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+    _check(ds, arrays)
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+
+
+def _idx_dir(tmp_path: Path, name: str, blob: bytes) -> Path:
+    T.write_mnist(tmp_path / "mnist", gz=False)
+    for f in (tmp_path / "mnist").iterdir():
+        if f.name == name:
+            f.write_bytes(blob)
+    return tmp_path / "mnist" / name
+
+
+def test_idx_wrong_magic(tmp_path: Path) -> None:
+    path = _idx_dir(tmp_path, "train-images-idx3-ubyte", b"\x12\x34\x08\x03" + b"\0" * 20)
+    with pytest.raises(DataError, match=rf"{path}: wrong magic number"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_idx_wrong_length(tmp_path: Path) -> None:
+    good = T.idx_bytes(np.zeros((60, 28, 28), np.uint8))
+    path = _idx_dir(tmp_path, "train-images-idx3-ubyte", good[:-5])
+    with pytest.raises(DataError, match=rf"{path}: truncated"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    path.write_bytes(good + b"xx")
+    with pytest.raises(DataError, match=rf"{path}: wrong length"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_idx_label_count_mismatch(tmp_path: Path) -> None:
+    path = _idx_dir(tmp_path, "t10k-labels-idx1-ubyte", T.idx_bytes(np.zeros(19, np.uint8)))
+    with pytest.raises(DataError, match=rf"{path}: 19 labels for 20 images"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_idx_truncated_gzip(tmp_path: Path) -> None:
+    T.write_mnist(tmp_path / "mnist")
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(DataError, match=rf"{path}"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+# --- npz --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(28, 28), (32, 32, 3), (3, 16, 16)], ids=["NHW", "NHWC", "NCHW"])
+def test_npz_layouts(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    arrays = T.write_npz(tmp_path / "d.npz", shape=shape)
+    ds = load_dataset(f"npz:{tmp_path / 'd.npz'}", data_dir=tmp_path)
+    x = arrays["x_train"]
+    want = x[:, None] if x.ndim == 3 else (x.transpose(0, 3, 1, 2) if shape[-1] == 3 else x)
+    assert _eq(ds.x_train, want)
+    assert _eq(ds.y_train, arrays["y_train"].astype(np.int64))
+    assert ds.name == f"npz:{(tmp_path / 'd.npz').resolve()}"
+
+
+def test_npz_class_names_and_column_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "k.npz", x_train=rng.random((6, 8, 8)).astype(np.float32), y_train=np.array([[0], [1], [2], [0], [1], [2]]),
+             x_test=np.zeros((2, 8, 8), np.uint8), y_test=np.array([[1], [2]]), classes=np.array(["a", "b", "c"]))
+    ds = load_dataset(f"npz:{tmp_path / 'k.npz'}")
+    assert ds.classes == ["a", "b", "c"] and ds.y_train.tolist() == [0, 1, 2, 0, 1, 2]
+    assert ds.x_train.dtype == torch.uint8 and int(ds.x_train.max()) <= 255
+
+
+def test_npz_missing_key(tmp_path: Path) -> None:
+    np.savez(tmp_path / "m.npz", x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match=r"m\.npz: missing array\(s\) x_test, y_test"):
+        load_dataset(f"npz:{tmp_path / 'm.npz'}")
+
+
+def test_npz_refuses_object_arrays(tmp_path: Path) -> None:
+    np.savez(tmp_path / "o.npz", x_train=np.array([None, 1], dtype=object), y_train=np.zeros(2, np.int64),
+             x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="object arrays are not allowed"):
+        load_dataset(f"npz:{tmp_path / 'o.npz'}")
+
+
+def test_npz_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nope.npz: npz file not found"):
+        load_dataset(f"npz:{tmp_path / 'nope.npz'}")
+
+
+# --- digits -----------------------------------------------------------------------------------
+
+def test_digits_fixed_split() -> None:
+    a = load_dataset("digits", seed=1)
+    b = load_dataset("digits", seed=2)
+    assert len(a.y_train) + len(a.y_test) == 1797 and len(a.y_test) == 359
+    assert torch.equal(a.x_test, b.x_test), "the test split must not depend on the training seed"
+    assert a.x_train.dtype == torch.uint8 and int(a.x_train.max()) == 255 and a.image_shape == (1, 8, 8)
+    # Stratified: every class is in the test split in proportion.
+    counts = torch.bincount(a.y_test, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 38
+
+
+# --- image folders ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("as_zip", [False, True], ids=["dir", "zip"])
+def test_folder_reads_back_exactly(tmp_path: Path, as_zip: bool, caplog: pytest.LogCaptureFixture) -> None:
+    src = tmp_path / ("imgs.zip" if as_zip else "imgs")
+    arrays = T.write_image_folder(src, as_zip=as_zip, top="mydata" if as_zip else None)
+    data = tmp_path / "data"
+    with caplog.at_level(logging.INFO, logger="vggkit.data"):
+        ds = load_dataset(f"folder:{src}", data_dir=data)
+    assert not ds.from_cache
+    assert ds.classes == ["cat", "dog", "eel"]
+    assert _eq(ds.x_train, arrays["x_train"]) and _eq(ds.y_train, arrays["y_train"])
+    assert _eq(ds.x_test, arrays["x_test"]) and _eq(ds.y_test, arrays["y_test"])
+    assert any(p.name.startswith("folder-") for p in (data / "cache").iterdir())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vggkit.data"):
+        again = load_dataset(f"folder:{src}", data_dir=data)
+    assert again.from_cache and "decoded-image cache" in caplog.text
+    assert torch.equal(again.x_train, ds.x_train) and torch.equal(again.y_test, ds.y_test)
+
+
+def test_folder_cache_invalidated_by_change(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    T.write_image_folder(src)
+    load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    extra = src / "train" / "cat" / "zz.png"
+    extra.write_bytes((src / "train" / "cat" / "0000.png").read_bytes())
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    assert not ds.from_cache and len(ds.y_train) == 13
+
+
+def test_folder_grayscale_bmp_and_val_names(tmp_path: Path) -> None:
+    src = tmp_path / "g"
+    arrays = T.write_image_folder(src, fmt="BMP", mode="L")
+    os.rename(src / "test", src / "Val")
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    assert ds.image_shape == (1, 10, 12)
+    assert _eq(ds.x_test, arrays["x_test"])
+
+
+def test_folder_single_set_holds_out_fixed_test(tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    T.write_image_folder(src, per_class=10, test_per_class=None)
+    a = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", seed=1)
+    b = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", seed=2)
+    assert len(a.y_test) == 6 and len(a.y_train) == 24 and a.x_val is None
+    assert torch.bincount(a.y_test).tolist() == [2, 2, 2]
+    assert torch.equal(a.x_test, b.x_test)
+    c = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", val_split=0.5)
+    assert len(c.y_test) == 15
+
+
+def test_folder_jpeg_resized(tmp_path: Path) -> None:
+    src = tmp_path / "j.zip"
+    T.write_image_folder(src, fmt="JPEG", size=(40, 30), as_zip=True)
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", image_size=16)
+    assert ds.image_shape == (3, 16, 16)
+
+
+def test_folder_mixed_sizes_need_image_size(tmp_path: Path) -> None:
+    src = tmp_path / "m"
+    T.write_image_folder(src)
+    from PIL import Image
+
+    Image.new("RGB", (7, 7)).save(src / "train" / "dog" / "odd.png")
+    with pytest.raises(DataError, match=r"odd\.png: image is 7x7 .* pass --image-size"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", image_size=8)
+    assert ds.image_shape == (3, 8, 8) and len(ds.y_train) == 13
+
+
+def test_folder_bad_image_errors_or_skips(tmp_path: Path) -> None:
+    src = tmp_path / "b"
+    T.write_image_folder(src)
+    (src / "train" / "dog" / "notes.txt").write_text("not an image")
+    good = (src / "test" / "eel" / "0001.png").read_bytes()
+    (src / "test" / "eel" / "0001.png").write_bytes(good[: len(good) // 2])
+    (src / ".DS_Store").write_bytes(b"\0\1")  # hidden files are ignored
+    with pytest.raises(DataError, match=r"0001\.png: corrupt image .*2 bad files in all.*--skip-bad-images"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", skip_bad_images=True)
+    assert len(ds.skipped) == 2 and any("notes.txt: not a PNG/JPEG/BMP image" in s for s in ds.skipped)
+    assert len(ds.y_train) == 12 and len(ds.y_test) == 5
+    # The cache remembers the skipped files: without the flag it is still an error.
+    with pytest.raises(DataError, match="--skip-bad-images"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+
+
+def test_folder_empty_class(tmp_path: Path) -> None:
+    src = tmp_path / "e"
+    T.write_image_folder(src)
+    (src / "test" / "fox").mkdir()
+    (src / "train" / "fox").mkdir()
+    with pytest.raises(DataError, match=r"fox: empty class folder"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+
+
+def test_folder_class_mismatch(tmp_path: Path) -> None:
+    src = tmp_path / "c.zip"
+    T.write_image_folder(src, as_zip=True)
+    with zipfile.ZipFile(src, "a") as zf:
+        zf.writestr("test/fox/0.png", zf.read("test/eel/0000.png"))
+    with pytest.raises(DataError, match=r"c\.zip.*class folders differ.*only in test: fox"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+
+
+def test_folder_zip_refuses_unsafe_members(tmp_path: Path) -> None:
+    src = tmp_path / "u.zip"
+    T.write_image_folder(src, as_zip=True)
+    with zipfile.ZipFile(src, "a") as zf:
+        zf.writestr("../evil.png", b"x")
+    with pytest.raises(DataError, match=r"u\.zip: refusing archive member '\.\./evil\.png'"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+
+
+def test_folder_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"x\.txt: neither a folder nor a \.zip"):
+        load_dataset(f"folder:{tmp_path / 'x.txt'}", data_dir=tmp_path)
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_dataset(f"folder:{tmp_path / 'missing'}", data_dir=tmp_path)
+
+
+def test_folder_corrupt_zip(tmp_path: Path) -> None:
+    src = tmp_path / "z.zip"
+    T.write_image_folder(src, as_zip=True)
+    blob = src.read_bytes()
+    src.write_bytes(blob[: len(blob) - 40])  # cuts the central directory
+    with pytest.raises(DataError, match=r"z\.zip"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+
+
+# --- preparation ------------------------------------------------------------------------------
+
+def test_resize_channels_and_stats(tmp_path: Path) -> None:
+    T.write_mnist(tmp_path / "mnist")
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False, image_size=32, channels=3)
+    assert ds.x_train.shape == (60, 3, 32, 32) and ds.x_test.shape == (20, 3, 32, 32)
+    assert torch.equal(ds.x_train[:, 0], ds.x_train[:, 2])
+    x = ds.x_train.double() / 255
+    assert np.allclose(ds.mean, x.mean(dim=(0, 2, 3)).tolist(), atol=1e-9)
+    assert np.allclose(ds.std, x.std(dim=(0, 2, 3), unbiased=False).tolist(), atol=1e-9)
+
+
+def test_rgb_to_gray_uses_bt601(tmp_path: Path) -> None:
+    arrays = T.write_cifar(tmp_path, "cifar10")
+    ds = load_dataset("cifar10", data_dir=tmp_path, download=False, channels=1)
+    x = arrays["x_train"].astype(np.float64)
+    want = np.rint(0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])
+    assert ds.image_shape == (1, 32, 32)
+    assert np.abs(ds.x_train[:, 0].numpy().astype(np.float64) - want).max() <= 1
+
+
+def test_resize_is_antialiased() -> None:
+    from vggkit.data.prepare import resize
+
+    # A one-pixel checkerboard averages to mid-grey when shrunk; naive subsampling keeps 0/255.
+    board = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 255).to(torch.uint8)
+    small = resize(board.expand(2, 1, 16, 16), 4)
+    assert small.shape == (2, 1, 4, 4) and (small.float() - 127.5).abs().max() < 2
+
+
+def test_subset_and_val_split(tmp_path: Path) -> None:
+    T.write_mnist(tmp_path / "mnist", n_train=200)
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False, subset=30, val_split=0.2, seed=5)
+    assert len(ds.y_train) == 30 and len(ds.y_val) == 40 and ds.x_val is not None
+    counts = torch.bincount(ds.y_train, minlength=10)
+    assert counts.min() == 3 and counts.max() == 3  # balanced
+    full = load_dataset("mnist", data_dir=tmp_path, download=False)
+    train_rows = {r.tobytes() for r in ds.x_train.numpy()}
+    assert not train_rows & {r.tobytes() for r in ds.x_val.numpy()}, "val is held out of train"
+    assert train_rows <= {r.tobytes() for r in full.x_train.numpy()}
+    same = load_dataset("mnist", data_dir=tmp_path, download=False, subset=30, val_split=0.2, seed=5)
+    other = load_dataset("mnist", data_dir=tmp_path, download=False, subset=30, val_split=0.2, seed=6)
+    assert torch.equal(same.x_train, ds.x_train) and torch.equal(same.x_val, ds.x_val)
+    assert not torch.equal(other.x_train, ds.x_train)
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    ({"image_size": 0}, "--image-size"), ({"channels": 2}, "--channels"), ({"subset": 0}, "--subset"),
+    ({"val_split": 1.0}, "--val-split"), ({"subset": 10_000}, "--subset 10000"),
+])
+def test_bad_options_name_the_flag(tmp_path: Path, kwargs: dict, flag: str) -> None:
+    T.write_mnist(tmp_path / "mnist")
+    with pytest.raises(UsageError, match=flag):
+        load_dataset("mnist", data_dir=tmp_path, download=False, **kwargs)
+
+
+def test_unknown_name_suggests() -> None:
+    with pytest.raises(UsageError, match=r"unknown dataset 'cifar11' \(did you mean 'cifar10'\?\)"):
+        load_dataset("cifar11")
+
+
+def test_list_datasets(tmp_path: Path) -> None:
+    T.write_cifar(tmp_path, "cifar10")
+    rows = {r["name"]: r for r in list_datasets(tmp_path)}
+    assert set(DATASET_NAMES) <= set(rows) and "folder:PATH" in rows and "npz:PATH" in rows
+    assert rows["cifar10"]["present"] and rows["cifar10"]["location"] == str(tmp_path / "cifar-10-python.tar.gz")
+    assert not rows["mnist"]["present"] and rows["mnist"]["location"] == str(tmp_path / "mnist")
+    assert rows["digits"]["present"]
+
+
+def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    T.write_mnist(tmp_path / "mnist")
+    monkeypatch.setenv("VGGKIT_DATA", str(tmp_path))
+    assert len(load_dataset("mnist", download=False).y_train) == 60
+
+
+def test_gz_magic_not_extension(tmp_path: Path) -> None:
+    """A gzip file without .gz and a raw file are both recognised by content."""
+    T.write_mnist(tmp_path / "mnist", gz=False)
+    p = tmp_path / "mnist" / "t10k-labels-idx1-ubyte"
+    p.write_bytes(gzip.compress(p.read_bytes()))
+    assert len(load_dataset("mnist", data_dir=tmp_path, download=False).y_test) == 20
