@@ -1,0 +1,8 @@
+"""Evaluation: metrics and the confusion matrix (``evaluate``), class probabilities for image
+files (``predict``), ONNX export (``export.export_onnx``) and the HTML/Markdown report
+(``report.write_report``)."""
+
+from vggkit.evaluation.evaluator import evaluate, format_evaluation
+from vggkit.evaluation.predictor import format_predictions, predict
+
+__all__ = ["evaluate", "format_evaluation", "format_predictions", "predict"]

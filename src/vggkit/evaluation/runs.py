@@ -1,0 +1,114 @@
+"""Reading what a run folder or checkpoint holds, and rebuilding its data exactly.
+
+A run folder means its final weights (``checkpoints/last.safetensors``): those are what
+summary.json and predictions.npz report, and choosing "best" by accuracy on the test split
+(when training had no --val-split) would report a test score selected on the test set.
+Pass a checkpoint file to use another.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vggkit.errors import CheckpointError, DataError, UsageError
+from vggkit.training.checkpoint import Checkpoint, model_from_checkpoint
+
+RUN_WEIGHTS = "last"
+SPLITS = ("test", "val", "train")
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder a run path or checkpoint file belongs to, or None for a lone file."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent
+    return None
+
+
+def load_model(run_or_checkpoint: str | Path) -> tuple[torch.nn.Module, Checkpoint]:
+    """The network (eval mode, CPU, fp32) and its checkpoint."""
+    path = Path(run_or_checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file)")
+    return model_from_checkpoint(path, which=RUN_WEIGHTS)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from exc
+
+
+@dataclass
+class SplitData:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]
+    dataset: str
+
+
+def load_split(meta: dict[str, Any], split: str = "test", *, dataset: str | None = None,
+               data_dir: str | None = None) -> SplitData:
+    """A split of the run's dataset (or of ``dataset``), prepared as in training: the same
+    image size, channels, subset, validation split and seed. Never downloads."""
+    from vggkit.data import load_dataset
+
+    if split not in SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    cfg = meta["config"]
+    channels, size = meta["image_shape"][0], meta["image_shape"][1]
+    own = dataset is None or dataset == cfg["dataset"]
+    name = cfg["dataset"] if dataset is None else dataset
+    data = load_dataset(
+        name,
+        data_dir=data_dir if data_dir is not None else cfg.get("data_dir"),
+        download=False,
+        image_size=size,
+        channels=channels,
+        subset=cfg.get("subset") if own else None,
+        val_split=cfg.get("val_split", 0.0),
+        seed=cfg.get("seed", 0),
+        progress=False,
+    )
+    if list(data.classes) != list(meta["classes"]):
+        flag = f"--dataset {name}" if not own else f"dataset {name}"
+        raise UsageError(
+            f"{flag}: its {len(data.classes)} classes ({_preview(data.classes)}) differ from the "
+            f"{len(meta['classes'])} the model was trained on ({_preview(meta['classes'])})")
+    x, y = {"test": (data.x_test, data.y_test), "val": (data.x_val, data.y_val),
+            "train": (data.x_train, data.y_train)}[split]
+    if x is None or len(x) == 0:
+        if split == "val":
+            raise UsageError(f"--split val: the run was trained without --val-split, so {name} "
+                             "has no validation split here; use --split test")
+        raise DataError(f"dataset {name} has no {split} split")
+    return SplitData(torch.as_tensor(x), torch.as_tensor(y), list(data.classes), name)
+
+
+def _preview(names: list[str], n: int = 4) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def read_predictions(run: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(logits, labels) of the test split from predictions.npz, or None if absent."""
+    path = run / "predictions.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["logits"], dtype=np.float32), np.asarray(data["labels"],
+                                                                             dtype=np.int64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} is not a readable predictions file: {exc}") from exc
