@@ -73,7 +73,8 @@ def confusion_matrix_png(cm: np.ndarray, classes: list[str], title: str = "",
     rows = cm.sum(1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
     image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, aspect=20 if annotated else 50,
+                 label="fraction of the true class")
     step = max(1, math.ceil(k / MAX_TICK_LABELS))
     ticks = np.arange(0, k, step)
     ax.set_xticks(ticks, [_short(classes[i]) for i in ticks], rotation=45, ha="right",
@@ -165,22 +166,39 @@ def grid_pixels(count: int) -> tuple[int, int]:
     return round(w * DPI), round(h * DPI)
 
 
+def _cell_pixels(image: np.ndarray, side: int) -> np.ndarray:
+    """uint8 (C, H, W) -> (side, side, 3) by nearest-neighbour sampling (crisp small images)."""
+    c, h, w = image.shape
+    rows = np.arange(side) * h // side
+    cols = np.arange(side) * w // side
+    rgb = np.repeat(image[:1], 3, axis=0) if c == 1 else image[:3]
+    return np.transpose(rgb[:, rows][:, :, cols], (1, 2, 0))
+
+
 def misclassified_png(images: np.ndarray, true_names: list[str], predicted_names: list[str],
                       probabilities: list[float]) -> bytes:
     """A grid of uint8 (N, C, H, W) images, 8 a row, each titled with its true and predicted
-    class (and the predicted probability)."""
+    class (and the predicted probability). Drawn as one mosaic with text above each cell: a
+    figure of 32 small axes would take seconds to lay out."""
     images = np.asarray(images)
-    fig = _figure(*grid_inches(len(images)))
+    width_in, height_in = grid_inches(len(images))
+    fig = _figure(width_in, height_in)
+    fig.set_layout_engine("none")
+    cell_w, cell_h = round(CELL_INCHES[0] * DPI), round(CELL_INCHES[1] * DPI)
+    side = cell_w - 16  # image side in pixels, a margin either side
     rows = max(1, math.ceil(len(images) / GRID_COLUMNS))
-    axes = np.atleast_1d(fig.subplots(rows, GRID_COLUMNS)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, true, pred, prob in zip(axes, images, true_names, predicted_names,
-                                           probabilities):
-        if image.shape[0] == 1:
-            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        else:
-            ax.imshow(np.transpose(image[:3], (1, 2, 0)), interpolation="nearest")
-        ax.set_title(f"true: {_short(true)}\npred: {_short(pred)} ({prob:.0%})", fontsize=8,
-                     color="#a40000")
+    mosaic = np.full((rows * cell_h, GRID_COLUMNS * cell_w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, GRID_COLUMNS)
+        top, left = r * cell_h + (cell_h - side) - 6, c * cell_w + 8
+        mosaic[top:top + side, left:left + side] = _cell_pixels(image, side)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+    ax.axis("off")
+    for i, (true, pred, prob) in enumerate(zip(true_names, predicted_names, probabilities)):
+        r, c = divmod(i, GRID_COLUMNS)
+        x = (c + 0.5) / GRID_COLUMNS
+        y = 1 - (r * cell_h + (cell_h - side - 6) / 2) / (rows * cell_h)
+        fig.text(x, y, f"true: {_short(true)}\npred: {_short(pred)} ({prob:.0%})", ha="center",
+                 va="center", fontsize=8, color="#a40000")
     return _png(fig)
