@@ -81,6 +81,90 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+# -- convolution weight gradients as one matmul at small spatial sizes ---------------------------
+#
+# oneDNN's bf16 backward-weights kernel is slow for 3x3 convolutions on tiny feature maps (VGG's
+# 4x4 and 2x2 stages at 32x32 input): measured on this repo's CPU it runs 2x (4x4, 512 channels)
+# to 4.5x (2x2) slower than forming the 9 shifted copies of the input (im2col, cheap at these
+# sizes) and doing one bf16 matmul with fp32 accumulation. See docs/benchmarks.md.
+
+SMALL_MAP = 16  # H*W at or below which the matmul weight gradient is used
+
+
+def conv3x3_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d(loss)/d(weight) of a 3x3, stride-1, padding-1 convolution, as one matmul:
+    (C_out x B*H*W) @ (B*H*W x 9*C_in). Returns (C_out, C_in, 3, 3), channels_last strides."""
+    b, ci, h, w = x.shape
+    co = grad_out.shape[1]
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # B, H+2, W+2, C_in
+    cols = torch.stack([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], dim=3)
+    g = grad_out.permute(0, 2, 3, 1).reshape(-1, co)
+    dw = torch.mm(g.t(), cols.reshape(-1, 9 * ci))
+    return dw.view(co, 3, 3, ci).permute(0, 3, 1, 2)
+
+
+class _SmallMapConv3x3(torch.autograd.Function):
+    """conv2d(x, w, b, padding=1) whose backward computes the weight gradient with
+    :func:`conv3x3_weight_grad` and the input gradient with oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.conv2d(x, weight, bias, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            gw = conv3x3_weight_grad(x, grad_out)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
+        return gx, gw, gb
+
+
+class FastConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state-dict keys) that routes bf16 training of 3x3
+    convolutions on small feature maps through :class:`_SmallMapConv3x3`; everything else
+    (fp32, inference, export, other shapes) is the stock convolution."""
+
+    def _fast_ok(self, x: torch.Tensor) -> bool:
+        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+                and x.dim() == 4 and x.shape[2] * x.shape[3] <= SMALL_MAP
+                and torch.is_grad_enabled() and self.weight.requires_grad
+                and x.device.type == "cpu"
+                and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and
+                     torch.get_autocast_dtype("cpu") == torch.bfloat16)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast_ok(x):
+            return super().forward(x)
+        w, b = self.weight, self.bias
+        if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+            x, w = x.to(torch.bfloat16), w.to(torch.bfloat16)
+            b = b.to(torch.bfloat16) if b is not None else None
+        with torch.autocast("cpu", enabled=False):
+            return _SmallMapConv3x3.apply(x.contiguous(memory_format=torch.channels_last), w, b)
+
+
+def use_fast_convs(model: nn.Module) -> int:
+    """Turn the model's plain nn.Conv2d layers into :class:`FastConv2d` in place (a class swap:
+    parameters, hooks and state-dict keys are unchanged). Returns how many were swapped."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is nn.Conv2d:
+            mod.__class__ = FastConv2d
+            n += 1
+    return n
+
+
 @dataclass
 class Engine:
     """How tensors are laid out and computed; built once per run."""
@@ -105,8 +189,16 @@ class Engine:
         """A float batch on the device in the engine's memory format."""
         return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
+    @property
+    def fast_convs(self) -> bool:
+        """bf16 training on a CPU: small-map 3x3 weight gradients as matmuls (FastConv2d)."""
+        return self.device.type == "cpu" and self.precision == "bf16"
+
     def prepare(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device and layout; on CPU bf16, swap in FastConv2d."""
         model = model.to(self.device, memory_format=self.memory_format)
+        if self.fast_convs:
+            use_fast_convs(model)
         return model
 
     def maybe_compile(self, model: nn.Module) -> nn.Module:
@@ -126,6 +218,7 @@ class Engine:
             "precision_reason": self.precision_reason,
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "fast_convs": self.fast_convs,
             "threads": torch.get_num_threads(),
         }
 
