@@ -454,9 +454,6 @@ def write_report(runs: list[Path], out: Path) -> list[Path]:
     for run in runs:
         if not run.is_dir():
             raise UsageError(f"{run}: not a run folder")
-    data = [read_run(path, label) for path, label in zip(runs, _labels(runs))]
-    title, blocks = build_blocks(data)
-
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     html_path, md_path, files = out / HTML_NAME, out / MD_NAME, out / FILES_DIR
@@ -466,6 +463,8 @@ def write_report(runs: list[Path], out: Path) -> list[Path]:
                                                   and not (files / MARKER).exists())):
         raise UsageError(f"--out {out}: {FILES_DIR} exists and was not written by vggkit; "
                          "choose another --out folder")
+    # the checks above first: refusing takes no time
+    title, blocks = build_blocks([read_run(path, label) for path, label in zip(runs, _labels(runs))])
     try:
         files.mkdir(parents=True, exist_ok=True)
         (files / MARKER).write_text("written by vggkit report\n")
