@@ -1,0 +1,152 @@
+"""Unit tests of the training engine (fast; no timings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vggkit.training.engine as E
+from vggkit.errors import UsageError
+from vggkit.training.engine import (
+    Engine,
+    FastConv2d,
+    TrainStep,
+    conv3x3_weight_grad,
+    make_engine,
+    predict_logits,
+    resolve_precision,
+    use_fast_convs,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("flags, expect", [
+    ({"amx_bf16", "avx512_bf16"}, "bf16"),
+    ({"avx512_bf16"}, "bf16"),
+    ({"avx2", "fma"}, "fp32"),
+    (set(), "fp32"),
+])
+def test_auto_precision_follows_cpu_flags(monkeypatch, flags, expect):
+    monkeypatch.setattr(E, "cpu_flags", lambda: frozenset(flags))
+    chosen, why = resolve_precision("auto", CPU)
+    assert chosen == expect and why
+
+
+def test_explicit_precision_and_fp16_on_cpu():
+    assert resolve_precision("fp32", CPU)[0] == "fp32"
+    assert resolve_precision("bf16", CPU)[0] == "bf16"
+    with pytest.raises(UsageError, match="fp16"):
+        resolve_precision("fp16", CPU)
+
+
+def test_make_engine_describes_its_choices():
+    eng = make_engine("cpu", "fp32", channels_last=True, compile=False)
+    d = eng.describe()
+    assert d["precision"] == "fp32" and d["device"] == "cpu" and d["fast_convs"] is False
+    assert make_engine("cpu", "bf16", True, False).fast_convs
+
+
+@pytest.mark.parametrize("hw", [1, 2, 4, 5])
+def test_matmul_weight_grad_matches_convolution_backward(hw):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, hw, hw, dtype=torch.float64)
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = nn.functional.conv2d(x, w, padding=1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = conv3x3_weight_grad(x.contiguous(memory_format=torch.channels_last),
+                              g.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, w.grad)
+
+
+def test_fast_conv_matches_stock_conv_under_bf16_autocast():
+    torch.manual_seed(0)
+    ref = nn.Conv2d(16, 8, 3, padding=1)
+    fast = nn.Conv2d(16, 8, 3, padding=1)
+    fast.load_state_dict(ref.state_dict())
+    model = nn.Sequential(fast)
+    assert use_fast_convs(model) == 1 and isinstance(model[0], FastConv2d)
+    assert use_fast_convs(model) == 0  # already swapped
+    assert list(model[0].state_dict()) == ["weight", "bias"]
+    x = torch.randn(4, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model[0]._fast_ok(xf)
+        yr, yf = ref(xr), model(xf)
+    torch.testing.assert_close(yf, yr)
+    g = torch.randn_like(yr, dtype=torch.float32)
+    yr.float().backward(g)
+    yf.float().backward(g)
+    for a, b in [(fast.weight.grad, ref.weight.grad), (fast.bias.grad, ref.bias.grad), (xf.grad, xr.grad)]:
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_fast_conv_is_stock_in_fp32_and_inference():
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
+    use_fast_convs(conv)
+    x = torch.randn(2, 4, 4, 4)
+    assert not conv[0]._fast_ok(x)  # fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv[0]._fast_ok(x)  # no gradient wanted
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv[0]._fast_ok(torch.randn(2, 4, 8, 8))  # map too large
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 4))
+
+
+def tiny_data(n=64):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    images = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+    images[torch.arange(n), labels % 3, :4, :4] += 2.0  # a learnable signal
+    return images, labels
+
+
+def train(engine: Engine, steps: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = engine.prepare(tiny_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step = TrainStep(model, opt, nn.CrossEntropyLoss(), engine)
+    images, labels = tiny_data()
+    x = engine.to_input(images)
+    losses = [float(step(x, labels)[0]) for _ in range(steps)]
+    return model, losses
+
+
+def test_bf16_path_loss_decreases():
+    eng = make_engine("cpu", "bf16", channels_last=True, compile=False)
+    model, losses = train(eng, 25)
+    assert any(isinstance(m, FastConv2d) for m in model.modules())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    assert losses[-1] < 0.5 * losses[0]
+    logits = predict_logits(model, eng.to_input(tiny_data()[0]), eng)
+    assert logits.dtype == torch.float32 and logits.shape == (64, 4)
+
+
+def test_fp32_steps_are_bit_for_bit_deterministic():
+    eng = make_engine("cpu", "fp32", channels_last=True, compile=False)
+    m1, l1 = train(eng, 5)
+    m2, l2 = train(eng, 5)
+    assert l1 == l2
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not any(isinstance(m, FastConv2d) for m in m1.modules())
+
+
+def test_train_step_returns_device_tensors():
+    eng = make_engine("cpu", "fp32", channels_last=False, compile=False)
+    torch.manual_seed(0)
+    model = eng.prepare(tiny_net())
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), eng)
+    images, labels = tiny_data(8)
+    loss, correct = step(eng.to_input(images), labels)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert correct.dtype == torch.int64 and 0 <= int(correct) <= 8
