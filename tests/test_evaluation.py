@@ -28,8 +28,9 @@ SUBSET = 300
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evaluation") / "run"
-    train(TrainConfig(model="vgg_compact", dataset="digits", epochs=2, subset=SUBSET,
-                      batch_size=50, precision="fp32", out=str(out)), progress=False)
+    train(TrainConfig(model="vgg_compact", dataset="digits", image_size=8, epochs=2,
+                      subset=SUBSET, batch_size=50, precision="fp32", out=str(out)),
+          progress=False)
     return out
 
 
@@ -45,7 +46,8 @@ def independent_counts(run: Path) -> tuple[np.ndarray, np.ndarray]:
     from vggkit.data import load_dataset
 
     model, ckpt = model_from_checkpoint(run / "checkpoints" / "last.safetensors")
-    data = load_dataset("digits", download=False, progress=False)
+    data = load_dataset("digits", image_size=ckpt.meta["image_shape"][1], download=False,
+                        progress=False)
     x = data.x_test.float() / 255.0
     mean = torch.tensor(ckpt.meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(ckpt.meta["std"]).view(1, -1, 1, 1)

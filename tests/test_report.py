@@ -22,7 +22,8 @@ from vggkit.evaluation import plots, report
 from vggkit.evaluation.report import write_report
 from vggkit.training.trainer import train
 
-TINY = dict(model="vgg_compact", dataset="digits", subset=200, batch_size=50, precision="fp32")
+TINY = dict(model="vgg_compact", dataset="digits", image_size=8, subset=200, batch_size=50,
+            precision="fp32")
 SECTIONS = ("Results", "Learning curves", "Confusion matrix", "Per-class metrics",
             "Misclassified test images", "Model summary", "Configuration",
             "Machine and versions")

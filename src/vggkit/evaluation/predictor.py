@@ -39,7 +39,7 @@ def prepare_image(path: str | Path, channels: int, size: int, folder_dataset: bo
         array, _gray = _decode(blob, (size, size) if folder_dataset else None)
     except _BadImage as exc:
         raise DataError(f"image {path}: {exc}") from None
-    image = torch.from_numpy(np.ascontiguousarray(array))
+    image = torch.tensor(array, dtype=torch.uint8)  # a copy: Pillow's array is read-only
     image = image[None, None] if image.ndim == 2 else image.permute(2, 0, 1)[None]
     # The order of vggkit.data.load_dataset: to one channel before resizing, to three after.
     if channels == 1:
