@@ -203,3 +203,12 @@ def test_evaluate_errors_name_the_flag_or_file(run, tmp_path):
         evaluate(run, out_dir=tmp_path / "file")
     for error in (UsageError, CheckpointError):
         assert issubclass(error, VggkitError)
+
+
+def test_the_trained_run_exports_to_onnx(run, tmp_path):
+    from vggkit.evaluation.export import export_onnx
+
+    pytest.importorskip("onnxruntime")
+    result = export_onnx(run, tmp_path / "digits.onnx")
+    assert Path(result["path"]).is_file() and result["max_abs_diff"] < 1e-4
+    assert result["input_shape"] == ["batch", 1, 8, 8]

@@ -135,8 +135,8 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int | No
         max_abs_diff = check_onnx(tmp, model, input_shape, batch) if check else None
         if max_abs_diff is not None and not max_abs_diff <= TOLERANCE:
             raise ExportError(
-                f"--onnx {out_path}: onnxruntime and PyTorch differ by {max_abs_diff:.3g} (max "
-                f"abs, fp32 logits, batch of {batch}) > {TOLERANCE:g}; the file was not written")
+                f"--onnx {out_path}: onnxruntime and PyTorch differ by {max_abs_diff:.2e} (max "
+                f"abs, fp32 logits, batch of {batch}) > {TOLERANCE:.0e}; the file was not written")
         if out_path.exists() and not overwrite:  # created meanwhile by someone else
             raise UsageError(f"--onnx {out_path}: file exists; pass --overwrite to replace it")
         os.replace(tmp, out_path)
