@@ -22,7 +22,7 @@ from vggkit.training.optim import Schedule
 from vggkit.training.trainer import NonFiniteLoss, read_metrics, train
 
 # vgg_compact at the digits' native 8x8 (three poolings divide it): a run takes seconds.
-TINY = dict(model="vgg_compact", dataset="digits", batch_size=64, lr=0.05, report=False,
+TINY = dict(model="vgg_compact", dataset="digits", image_size=8, batch_size=64, lr=0.05, report=False,
             precision="fp32", crop_padding=1, flip=True)
 
 
@@ -71,8 +71,12 @@ def test_existing_run_folder_is_never_overwritten(tmp_path):
 
 
 def test_resume_is_bit_for_bit(tmp_path):
-    train(tiny(tmp_path, "straight", epochs=4), progress=False)
-    train(tiny(tmp_path, "split", epochs=2), progress=False)
+    """4 epochs straight == 2 epochs, then --resume to 4 (fp32, CPU). The schedule must not
+    depend on the total epochs for this to be the same training: a step schedule here;
+    the mid-epoch test below covers the one-cycle default."""
+    kw = dict(schedule="step", step_size=1, gamma=0.5)
+    train(tiny(tmp_path, "straight", epochs=4, **kw), progress=False)
+    train(tiny(tmp_path, "split", epochs=2, **kw), progress=False)
     summary = train(TrainConfig(resume=str(tmp_path / "split"), epochs=4), progress=False)
     assert summary["epochs_completed"] == 4
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
@@ -94,7 +98,7 @@ def run_cli(args, **kw):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_a_checkpoint_and_resume_finishes(tmp_path, sig):
     run = tmp_path / "run"
-    proc = run_cli(["train", "--model", "vgg_compact", "--epochs", "200", "--batch-size", "16",
+    proc = run_cli(["train", "--model", "vgg_compact", "--image-size", "8", "--epochs", "200", "--batch-size", "16",
                     "--precision", "fp32", "--no-report", "--out", str(run)])
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
@@ -153,7 +157,7 @@ def test_non_finite_loss_stops_with_last_good_checkpoint_intact(tmp_path):
 
 def test_bf16_and_fp32_reach_the_same_accuracy_on_digits(tmp_path):
     """Real data (scikit-learn's digits), same seed: bf16 autocast ends within 3 points."""
-    kw = dict(model="vgg_compact", dataset="digits", epochs=6, batch_size=64, lr=0.05,
+    kw = dict(model="vgg_compact", dataset="digits", image_size=8, epochs=6, batch_size=64, lr=0.05,
               report=False, crop_padding=1)
     fp32 = train(TrainConfig(**kw, precision="fp32", out=str(tmp_path / "a")), progress=False)
     bf16 = train(TrainConfig(**kw, precision="bf16", out=str(tmp_path / "b")), progress=False)

@@ -39,7 +39,7 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, group: str = "
 @dataclass
 class TrainConfig:
     # --- model
-    model: str = opt("vgg11_bn", "registered network name (see `vggkit models`)", group="model")
+    model: str = opt("vgg_compact", "registered network name (see `vggkit models`)", group="model")
     head: str | None = opt(None, "classifier head: classic|bn|gap|linear|imagenet|compact "
                            "(default: the model's own)", group="model")
     dropout: float = opt(0.5, "dropout rate of the dense head layers", group="model")
@@ -68,15 +68,15 @@ class TrainConfig:
     skip_bad_images: bool = opt(False, "skip (and count) unreadable images in a folder dataset",
                                 group="data")
     # --- augmentation (whole-batch, on the training device)
-    crop_padding: int = opt(0, "random crop after padding by this many pixels (0: off)",
+    crop_padding: int = opt(2, "random crop after padding by this many pixels (0: off)",
                             group="augmentation")
     pad_mode: str = opt("reflect", "padding for the random crop", choices=PAD_MODES,
                         group="augmentation")
     flip: bool = opt(False, "random horizontal flips", group="augmentation")
     cutout: int = opt(0, "cutout square side in pixels (0: off)", group="augmentation")
     # --- optimisation
-    epochs: int = opt(10, "training epochs")
-    batch_size: int = opt(128, "images per step (per process under torchrun)")
+    epochs: int = opt(12, "training epochs")
+    batch_size: int = opt(64, "images per step (per process under torchrun)")
     optimizer: str = opt("sgd", "optimizer", choices=OPTIMIZERS)
     lr: float = opt(0.05, "peak learning rate")
     momentum: float = opt(0.9, "SGD momentum")

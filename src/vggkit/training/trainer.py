@@ -131,14 +131,15 @@ def environment_info(engine: Engine) -> dict[str, Any]:
 
 
 def resolve_image_size(config: TrainConfig, native: int) -> int:
-    """The dataset's side if the model takes it, else the next side it takes (digits 8 ->
-    32, MNIST 28 -> 32 for a VGG with five poolings)."""
+    """The dataset's side raised to at least 32 (the CIFAR size VGG recipes use) and to a
+    multiple the model's poolings divide: digits 8 -> 32, MNIST 28 -> 32, 224 stays."""
     if config.image_size:
         return config.image_size
     factor = 2 ** get_architecture(config.model).num_pools
+    side = max(native, 32)
     if (config.head or get_architecture(config.model).default_head) == "imagenet":
-        return max(native, 32)
-    return max(factor, math.ceil(native / factor) * factor)
+        return side
+    return math.ceil(side / factor) * factor
 
 
 def build_init_state(config: TrainConfig, model: nn.Module) -> None:

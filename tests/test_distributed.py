@@ -1,0 +1,92 @@
+"""torchrun on CPU (gloo on 127.0.0.1): identical weights on both ranks, every sample once
+per epoch, resume across process counts, and a dead rank ending the other."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vggkit.config import TrainConfig
+from vggkit.training.checkpoint import load_checkpoint
+from vggkit.training.trainer import read_metrics, train
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available in this build")
+
+ARGS = ["--model", "vgg_compact", "--dataset", "digits", "--image-size", "8", "--batch-size", "32", "--lr", "0.05",
+        "--precision", "fp32", "--no-report", "--crop-padding", "1", "--flip"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+           "-m", "vggkit", "train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "VGGKIT_DIST_TIMEOUT": "30", **(env or {})}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, start_new_session=True)
+
+
+def test_two_processes_train_one_model_and_resume_either_way(tmp_path):
+    run = tmp_path / "ddp"
+    proc = torchrun([*ARGS, "--epochs", "2", "--out", str(run), "--json"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["engine"]["world_size"] == 2
+    digests = summary["rank_weights_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # both ranks end with equal weights
+    for row in read_metrics(run / "metrics.jsonl"):
+        # the two shards together cover the training set exactly once per epoch
+        assert row["train_samples"] == summary["dataset"]["train"]
+    # only rank 0 writes: one line per epoch, not two
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+    # a distributed checkpoint resumes in a single process ...
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    result = train(TrainConfig(resume=str(single), epochs=3), progress=False)
+    assert result["epochs_completed"] == 3 and result["engine"]["world_size"] == 1
+    # ... and a single-process checkpoint resumes under torchrun
+    proc = torchrun(["--resume", str(single), "--epochs", "4"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert load_checkpoint(single / "checkpoints" / "last.safetensors").meta["epoch"] == 4
+
+
+def test_a_dead_rank_ends_the_other_with_an_error(tmp_path):
+    run = tmp_path / "dies"
+    proc = torchrun([*ARGS, "--epochs", "500", "--out", str(run)])
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+                             ).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the surviving rank hung after its peer died")
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 90
+    assert "failed" in err.lower() or "error" in err.lower()
