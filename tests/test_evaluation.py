@@ -18,7 +18,7 @@ from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.evaluation import evaluate, format_evaluation
 from vggkit.evaluation import metrics as M
 from vggkit.evaluation import plots
-from vggkit.training.checkpoint import model_from_checkpoint
+from vggkit.training.checkpoint import model_from_checkpoint, save_checkpoint
 from vggkit.training.trainer import read_metrics, train
 
 # vgg_compact at the digits' native 8x8: two epochs take seconds.
@@ -212,3 +212,19 @@ def test_the_trained_run_exports_to_onnx(run, tmp_path):
     result = export_onnx(run, tmp_path / "digits.onnx")
     assert Path(result["path"]).is_file() and result["max_abs_diff"] < 1e-4
     assert result["input_shape"] == ["batch", 1, 8, 8]
+
+
+def test_evaluate_the_validation_split_of_a_run_that_held_one_out(run, tmp_path):
+    """The split is rebuilt from the checkpoint's own config (--val-split, --seed, --subset)."""
+    from vggkit.data import load_dataset
+    from vggkit.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    ckpt.meta["config"]["val_split"] = 0.2
+    path = save_checkpoint(tmp_path / "held.safetensors", ckpt.model_state, ckpt.meta)
+    result = evaluate(path, split="val", precision="fp32")
+    expected = load_dataset("digits", image_size=8, subset=SUBSET, val_split=0.2,
+                            progress=False).y_val
+    assert result["n"] == len(expected) > 0
+    assert [r["support"] for r in result["per_class"]] == np.bincount(expected, minlength=10).tolist()
+    assert Path(result["paths"]["csv"]).name == "confusion_matrix_val.csv"
