@@ -182,12 +182,12 @@ def main(argv=None) -> None:
     nets = args.nets or (["vgg16_bn", "vgg_compact"] if args.quick else NETS)
 
     def steps_for(net):
-        return args.steps or (12 if "compact" in net else 4)
+        return args.steps or (12 if "compact" in net else (3 if args.quick else 4))
 
     if args.inner:
         side, net = args.inner
         if side == "keras":
-            res = keras_inner(net, args.which, args.batch, steps_for(net), epochs=3)
+            res = keras_inner(net, args.which, args.batch, steps_for(net), epochs=2 if args.quick else 3)
         else:
             res = torch_inner(net, args.which, args.batch, steps_for(net))
         print(json.dumps(res))
@@ -213,6 +213,7 @@ def main(argv=None) -> None:
                 else:
                     cmd = [sys.executable, me, "--inner", "torch", net, "--which", key]
                 cmd += ["--batch", str(args.batch)] + (["--steps", str(args.steps)] if args.steps else [])
+                cmd += ["--quick"] if args.quick else []
                 res[key].append(sub(cmd))
                 print(net, r, key, {k: round(v, 1) for k, v in res[key][-1].items()}, flush=True)
         med = {k: statistics.median(d["img_s"] for d in v) for k, v in res.items()}

@@ -149,6 +149,43 @@ def profile(args) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
+def layers(args) -> None:
+    """TFLOP/s of each distinct VGG-16 3x3 convolution (bf16, channels_last, batch --batch):
+    forward, backward-data, backward-weights (oneDNN) and the matmul weight gradient that
+    FastConv2d uses on small maps; variants alternate, median of the windows."""
+    import torch.nn.functional as F
+
+    from vggkit.training.engine import conv3x3_weight_grad
+
+    B = args.batch
+    shapes = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8),
+              (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2)]
+    conv_bwd = torch.ops.aten.convolution_backward
+    rows = []
+    for ci, co, hw in shapes:
+        flops = 2 * B * ci * co * 9 * hw * hw
+        x = torch.randn(B, ci, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(co, ci, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(B, co, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        args_ = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        v = {"fwd": lambda: F.conv2d(x, w, padding=1),
+             "bwd-data": lambda: conv_bwd(g, x, w, None, *args_, [True, False, False]),
+             "bwd-weights": lambda: conv_bwd(g, x, w, [co], *args_, [False, True, True]),
+             "bwd-weights matmul": lambda: conv3x3_weight_grad(x, g)}
+        for f in v.values():
+            f()
+        t = C.interleave(v, args.windows or 3, 1)
+        rows.append([f"{ci}->{co} @{hw}x{hw}", f"{flops / 1e9:.1f}"] +
+                    [f"{C.median(t[k]) * 1e3:.1f} ms / {flops / C.median(t[k]) / 1e12:.2f}" for k in v])
+        print(" | ".join(rows[-1]), flush=True)
+    header = ["conv (bf16, batch %d)" % B, "GFLOP per pass", "forward ms / TFLOP/s", "backward-data",
+              "backward-weights (oneDNN, + bias)", "backward-weights (matmul, FastConv2d)"]
+    table = C.markdown_table(header, rows)
+    print(table)
+    if args.record:
+        C.record("conv_layers", f"Command: `{C.command_line()}`\n\nMachine: {C.machine_line()}\n\n{table}\n")
+
+
 def load_mnist(root: Path, split: str, limit: int):
     """MNIST from the IDX gz files: uint8 images (N, 1, 32, 32) zero-padded from 28x28, labels."""
     import gzip
@@ -222,6 +259,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", metavar="NET", choices=list(NETS))
+    ap.add_argument("--layers", action="store_true",
+                    help="per-layer TFLOP/s of VGG-16's convolutions: forward, backward-data, -weights")
     ap.add_argument("--accuracy", action="store_true",
                     help="train fp32 and bf16 on an MNIST subset and compare test accuracy")
     ap.add_argument("--mnist", default="/work/shared/data/mnist")
@@ -233,7 +272,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-record", dest="record", action="store_false",
                     help="do not write the table into docs/benchmarks.md")
     args = ap.parse_args(argv)
-    if args.accuracy:
+    if args.layers:
+        layers(args)
+    elif args.accuracy:
         accuracy(args)
     elif args.profile:
         profile(args)

@@ -1,5 +1,22 @@
 """Device, precision and the compiled training step: the one place where the speed
-decisions live (summary.json reports what they chose)."""
+decisions live (summary.json reports what they chose).
+
+The trainer's seam (unchanged)::
+
+    engine = make_engine(device, precision, channels_last, compile, threads)
+    model = engine.prepare(model)          # device, layout; CPU bf16: FastConv2d swap
+    model = engine.maybe_compile(model)
+    optimizer = ...(model.parameters())    # fp32 parameters: they are the master weights
+    step = TrainStep(model, optimizer, loss_fn, engine)
+    loss, correct = step(engine.to_input(images), labels)
+    logits = predict_logits(model, engine.to_input(images), engine)
+
+On a CPU with native bf16 (AMX-BF16 or AVX512-BF16) ``--precision auto`` picks bf16: autocast
+with channels_last, and :class:`FastConv2d`, which computes the weight gradient of 3x3
+convolutions on maps of at most 4x4 as one bf16 matmul instead of oneDNN's slow kernel there.
+fp32 runs the stock modules and stays bit-for-bit deterministic. Measurements and what did not
+help (bf16 weights with master copies, torch.compile, allocator settings): docs/benchmarks.md.
+"""
 
 from __future__ import annotations
 
