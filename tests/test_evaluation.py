@@ -29,7 +29,8 @@ SUBSET = 300
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evaluation") / "run"
     train(TrainConfig(model="vgg_compact", dataset="digits", image_size=8, epochs=2,
-                      subset=SUBSET, batch_size=50, precision="fp32", out=str(out)),
+                      subset=SUBSET, batch_size=50, crop_padding=0, precision="fp32",
+                      out=str(out)),
           progress=False)
     return out
 

@@ -57,6 +57,7 @@ def overfit(tmp_path_factory):
              y_test=digits.y_test[:10].numpy())
     config = TrainConfig(model="vgg11_bn", dataset=f"npz:{root / 'digits20.npz'}",
                          image_size=SIZE, epochs=15, batch_size=5, optimizer="adam", lr=1e-3,
+                         crop_padding=0, flip=False, cutout=0,
                          precision="fp32", threads=1, out=str(root / "run"), report=False)
     threads = torch.get_num_threads()
     try:

@@ -23,7 +23,7 @@ from vggkit.evaluation.report import write_report
 from vggkit.training.trainer import train
 
 TINY = dict(model="vgg_compact", dataset="digits", image_size=8, subset=200, batch_size=50,
-            precision="fp32")
+            crop_padding=0, flip=False, precision="fp32")
 SECTIONS = ("Results", "Learning curves", "Confusion matrix", "Per-class metrics",
             "Misclassified test images", "Model summary", "Configuration",
             "Machine and versions")
@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> list[Path]:
     plain = root / "digits-2ep"
     augmented = root / "digits-3ep-aug"
     train(TrainConfig(**TINY, epochs=2, out=str(plain)), progress=False)
-    train(TrainConfig(**TINY, epochs=3, flip=True, crop_padding=1, out=str(augmented)),
+    train(TrainConfig(**{**TINY, "flip": True, "crop_padding": 1}, epochs=3, out=str(augmented)),
           progress=False)
     return [plain, augmented]
 
