@@ -16,6 +16,7 @@ import io
 import math
 import pickle
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,8 @@ class _FrombufferStub:
 class _NdarrayMarker:
     """What the pickle gets for ``numpy.ndarray``: usable only as _reconstruct's first argument."""
 
+    __slots__ = ()
+
 
 _NDARRAY = _NdarrayMarker()
 
@@ -132,8 +135,29 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only the globals in ``_ALLOWED`` (inert stand-ins), nothing else."""
+_STUB_CALLABLES = (_ArrayStub, _DtypeStub, _FrombufferStub, _latin1_encode)
+_KEY_TYPES = (str, bytes, int)
+
+
+def _refuse(what: str):  # type: ignore[no-untyped-def]
+    def load(self: RestrictedUnpickler) -> None:
+        raise pickle.UnpicklingError(f"{what} is not allowed in a dataset file")
+
+    return load
+
+
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+    """Admits only the globals in ``_ALLOWED`` (inert stand-ins), nothing else.
+
+    Built on the pure-Python unpickler on purpose: the C one pre-allocates whatever a corrupt
+    length or memo index asks for (a flipped byte can demand tens of GB), while this one keeps
+    its memo in a dict and (with BYTEARRAY8 overridden) reads only the bytes that exist. It also lets us police opcodes:
+    BUILD only on the stubs, REDUCE only on the allowed callables, dict keys only str/bytes/int
+    (so hashing can never recurse through a deeply nested key), and no sets, object-creation
+    opcodes, extension registry or out-of-band buffers.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -144,25 +168,84 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not allowed in a dataset file")
 
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(inst, (_ArrayStub, _DtypeStub)):
+            raise pickle.UnpicklingError("object state (BUILD) is allowed only for numpy arrays and dtypes")
+        inst.__setstate__(state)
 
-def _materialise(obj: Any, depth: int = 0) -> Any:
-    """Replace the stubs in a loaded object tree by validated numpy arrays."""
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not any(func is f for f in _STUB_CALLABLES) or not isinstance(args, tuple):
+            raise pickle.UnpicklingError("calls (REDUCE) are allowed only for numpy array reconstruction")
+        self.stack[-1] = func(*args)
+
+    def load_setitem(self) -> None:
+        if not isinstance(self.stack[-2], _KEY_TYPES):
+            raise pickle.UnpicklingError("dict keys must be strings or integers")
+        pickle._Unpickler.load_setitem(self)  # type: ignore[attr-defined]
+
+    def load_setitems(self) -> None:
+        # After a MARK the pure-Python unpickler's current stack holds exactly the items above it.
+        if not all(isinstance(k, _KEY_TYPES) for k in self.stack[0::2]):
+            raise pickle.UnpicklingError("dict keys must be strings or integers")
+        pickle._Unpickler.load_setitems(self)  # type: ignore[attr-defined]
+
+    def load_bytearray8(self) -> None:
+        # The stock version allocates (and zeroes) the claimed length before reading any of it.
+        (size,) = struct.unpack("<Q", self.read(8))
+        data = self.read(size)
+        if len(data) != size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.append(bytearray(data))
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    for _op, _what in ((pickle.INST, "INST"), (pickle.OBJ, "OBJ"), (pickle.NEWOBJ, "NEWOBJ"),
+                       (pickle.NEWOBJ_EX, "NEWOBJ_EX"), (pickle.EXT1, "EXT1"), (pickle.EXT2, "EXT2"),
+                       (pickle.EXT4, "EXT4"), (pickle.EMPTY_SET, "a set"), (pickle.ADDITEMS, "a set"),
+                       (pickle.FROZENSET, "a frozenset"), (pickle.NEXT_BUFFER, "an out-of-band buffer"),
+                       (pickle.PERSID, "a persistent id"), (pickle.BINPERSID, "a persistent id")):
+        dispatch[_op[0]] = _refuse(_what)
+    del _op, _what
+
+
+def _materialise(obj: Any, memo: dict[int, Any], depth: int = 0) -> Any:
+    """Replace the stubs in a loaded object graph by validated numpy arrays.
+
+    Memoised by identity, so a graph that shares sub-objects (a "billion laughs" pickle) costs
+    time linear in its distinct objects; depth-limited, so cycles and absurd nesting end in an
+    error rather than a crash.
+    """
     if depth > 50:
         raise pickle.UnpicklingError("object nesting too deep")
+    if isinstance(obj, (str, bytes, int, float, type(None))):
+        return obj
+    key = id(obj)
+    if key in memo:
+        return memo[key]
     if isinstance(obj, (_ArrayStub, _FrombufferStub)):
-        return obj.to_array()
-    if isinstance(obj, (_DtypeStub, _NdarrayMarker)):
-        raise pickle.UnpicklingError("stray numpy type object in a dataset file")
-    if isinstance(obj, dict):
-        return {_materialise(k, depth + 1): _materialise(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_materialise(v, depth + 1) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialise(v, depth + 1) for v in obj)
-    return obj
+        out: Any = obj.to_array()
+    elif isinstance(obj, dict):
+        out = {_materialise(k, memo, depth + 1): _materialise(v, memo, depth + 1) for k, v in obj.items()}
+    elif isinstance(obj, list):
+        out = [_materialise(v, memo, depth + 1) for v in obj]
+    elif isinstance(obj, tuple):
+        out = tuple(_materialise(v, memo, depth + 1) for v in obj)
+    elif isinstance(obj, (bytearray, memoryview, complex)):
+        out = obj
+    else:
+        raise pickle.UnpicklingError(f"unexpected {type(obj).__name__} object in a dataset file")
+    memo[key] = out
+    return out
 
 
 def restricted_loads(data: bytes) -> Any:
     """Unpickle ``data`` (a Python 2 or 3 pickle) allowing only plain containers and numeric arrays."""
     obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    return _materialise(obj)
+    return _materialise(obj, {})

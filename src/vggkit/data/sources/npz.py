@@ -113,9 +113,12 @@ def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def load_npz(path: Path) -> RawData:
-    """Read a Keras-style npz into RawData; class names from a ``classes`` array if present."""
-    arrays = read_npz(path)
+def load_npz(path: Path, data: bytes | None = None) -> RawData:
+    """Read a Keras-style npz into RawData; class names from a ``classes`` array if present.
+
+    ``data``: the file's bytes, read instead of ``path`` (tests).
+    """
+    arrays = read_npz(path, data=data)
     missing = [k for k in REQUIRED if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing array(s) {', '.join(missing)} (found: {', '.join(sorted(arrays)) or 'none'})")
