@@ -70,6 +70,7 @@ def evaluate(
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     path = Path(run_or_checkpoint)
     model, ckpt = load_model(path)
+    run = run_folder_of(path)
     meta = ckpt.meta
     data = load_split(meta, split, dataset=dataset, data_dir=data_dir)
     engine = make_engine(device, precision, meta["config"].get("channels_last", True), False)
@@ -78,7 +79,7 @@ def evaluate(
                     std=meta["std"], device=engine.device, channels_last=engine.channels_last)
     logits, labels = collect_logits(model, loader, engine, tta=tta)
     result: dict[str, Any] = {
-        "run": str(run_folder_of(path)) if run_folder_of(path) else None,
+        "run": str(run) if run else None,
         "checkpoint": str(ckpt.path),
         "dataset": data.dataset,
         "split": split,
@@ -88,7 +89,7 @@ def evaluate(
     }
     result.update(classification_metrics(logits.numpy(), labels.numpy(), meta["classes"]))
 
-    out = Path(out_dir) if out_dir is not None else (run_folder_of(path) or ckpt.path.parent)
+    out = Path(out_dir) if out_dir is not None else (run or ckpt.path.parent)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     try:

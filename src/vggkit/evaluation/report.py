@@ -150,6 +150,8 @@ def read_run(path: Path, label: str) -> RunData:
         except (OSError, yaml.YAMLError) as exc:
             raise CheckpointError(f"{path / 'config.yaml'}: not readable YAML: {exc}".replace(
                 "\n", " ")) from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / 'config.yaml'}: not a mapping of option: value")
     run = RunData(path, label, config or {}, summary, rows)
     try:
         model, ckpt = model_from_checkpoint(path, which=RUN_WEIGHTS)

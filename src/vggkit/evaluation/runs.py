@@ -61,7 +61,8 @@ class SplitData:
 def load_split(meta: dict[str, Any], split: str = "test", *, dataset: str | None = None,
                data_dir: str | None = None) -> SplitData:
     """A split of the run's dataset (or of ``dataset``), prepared as in training: the same
-    image size, channels, subset, validation split and seed. Never downloads."""
+    image size, channels, subset, validation split, seed and bad-image skipping. Never
+    downloads."""
     from vggkit.data import load_dataset
 
     if split not in SPLITS:
@@ -79,6 +80,7 @@ def load_split(meta: dict[str, Any], split: str = "test", *, dataset: str | None
         subset=cfg.get("subset") if own else None,
         val_split=cfg.get("val_split", 0.0),
         seed=cfg.get("seed", 0),
+        skip_bad_images=bool(cfg.get("skip_bad_images", False)),
         progress=False,
     )
     if list(data.classes) != list(meta["classes"]):
