@@ -308,7 +308,9 @@ def resolve_resume(config: TrainConfig) -> tuple[TrainConfig, Any]:
     merged = dataclasses.replace(merged, resume=str(run), out=str(run))
     ckpt_path = run / "checkpoints" / "last.safetensors"
     if not ckpt_path.is_file():
-        raise CheckpointError(f"--resume {run}: no checkpoint at {ckpt_path}")
+        # Stopped before its first checkpoint: nothing to continue, so start it again.
+        log.warning("--resume %s: no checkpoint yet; training it from the start", run)
+        return merged, None
     return merged, load_checkpoint(ckpt_path)
 
 
@@ -328,12 +330,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     main = dist.is_main
     if not main:
         logging.getLogger("vggkit").setLevel(logging.WARNING)
-    log.info("device %s, precision %s (%s)%s", engine.device, engine.precision,
-             engine.precision_reason, f", {dist.world_size} processes" if dist.enabled else "")
 
     # --- run folder (rank 0 writes; the others only read)
-    out = prepare_run_folder(config, resuming=checkpoint is not None) if main else None
+    out = prepare_run_folder(config, resuming=bool(config.resume)) if main else None
     out = Path(D.broadcast_object(str(out) if out else None, dist))
+    log.info("device %s, precision %s (%s)%s", engine.device, engine.precision,
+             engine.precision_reason, f", {dist.world_size} processes" if dist.enabled else "")
 
     # --- data
     from vggkit.data import Augment, Loader, load_dataset
@@ -394,8 +396,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     partial_totals = None
     if checkpoint is not None:
         meta = checkpoint.meta
-        model.load_state_dict(checkpoint.model_state)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
+        try:
+            model.load_state_dict(checkpoint.model_state)
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(
+                f"--resume {config.resume}: its checkpoint does not fit {config.model} with "
+                f"{num_classes} classes at {channels}x{image_size}x{image_size} ({first}); "
+                "resume with the run's own --model/--head/--dataset/--image-size") from None
         schedule.state = meta["schedule_state"]
         start_epoch, start_batch = meta["epoch"], meta.get("batch", 0)
         best, stale_epochs = meta["best"], meta.get("stale_epochs", 0)
@@ -446,6 +455,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # --- the loop
     metrics_path = out / "metrics.jsonl"
+    if checkpoint is not None and main:
+        # A crash between the metrics line and the checkpoint of an epoch (or mid-line)
+        # leaves lines the checkpoint does not cover: drop them, the epoch runs again.
+        kept = [r for r in read_metrics(metrics_path) if r.get("epoch", 0) <= start_epoch]
+        tmp = metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, metrics_path)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in read_metrics(metrics_path)
                         if r.get("epoch", 0) <= start_epoch) if checkpoint else 0.0
     images_seen = 0
@@ -622,6 +638,8 @@ def _write_report(out: Path) -> None:
         log.info("report: %s", paths[0] if isinstance(paths, (list, tuple)) else paths)
     except VggkitError as exc:
         log.warning("report not written: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - the run is saved; a report bug must not fail it
+        log.warning("report not written (a bug; `vggkit report %s --debug` shows it): %r", out, exc)
 
 
 def _tensorboard(out: Path):
