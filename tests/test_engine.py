@@ -70,7 +70,7 @@ def test_fast_conv_matches_stock_conv_under_bf16_autocast():
     assert use_fast_convs(model) == 1 and isinstance(model[0], FastConv2d)
     assert use_fast_convs(model) == 0  # already swapped
     assert list(model[0].state_dict()) == ["weight", "bias"]
-    x = torch.randn(4, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 2, 2).contiguous(memory_format=torch.channels_last)
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model[0]._fast_ok(xf)
@@ -92,14 +92,22 @@ def test_fast_conv_is_stock_in_fp32_and_inference():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not conv[0]._fast_ok(x)  # no gradient wanted
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv[0]._fast_ok(torch.randn(2, 4, 2, 2))
+        assert not conv[0]._fast_ok(torch.randn(2, 4, 4, 4))  # 4x4 only with >= 512 channels
         assert not conv[0]._fast_ok(torch.randn(2, 4, 8, 8))  # map too large
+
+
+def test_matmul_weight_grad_is_used_where_it_measured_faster():
+    assert E.use_matmul_wgrad(512, 2, 2) and E.use_matmul_wgrad(64, 2, 2)
+    assert E.use_matmul_wgrad(512, 4, 4) and not E.use_matmul_wgrad(256, 4, 4)
+    assert not E.use_matmul_wgrad(512, 8, 8)
 
 
 def tiny_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 4))
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),  # 2x2: matmul wgrad
+        nn.Flatten(), nn.Linear(16 * 2 * 2, 4))
 
 
 def tiny_data(n=64):

@@ -105,7 +105,16 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 # to 4.5x (2x2) slower than forming the 9 shifted copies of the input (im2col, cheap at these
 # sizes) and doing one bf16 matmul with fp32 accumulation. See docs/benchmarks.md.
 
-SMALL_MAP = 16  # H*W at or below which the matmul weight gradient is used
+
+# Where the matmul weight gradient wins (bench/train_step.py --layers): every 2x2 map (3-7x), and
+# 4x4 maps with 512 input channels (2x); 256->512 at 4x4 is a tie or a loss, 8x8 and up a loss.
+SMALL_MAP = 4  # H*W at or below which the matmul weight gradient is always used
+SMALL_MAP_WIDE = 16  # ... and up to this H*W when the input has at least WIDE_CHANNELS
+WIDE_CHANNELS = 512
+
+
+def use_matmul_wgrad(in_channels: int, h: int, w: int) -> bool:
+    return h * w <= SMALL_MAP or (h * w <= SMALL_MAP_WIDE and in_channels >= WIDE_CHANNELS)
 
 
 def conv3x3_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -148,13 +157,13 @@ class _SmallMapConv3x3(torch.autograd.Function):
 
 class FastConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state-dict keys) that routes bf16 training of 3x3
-    convolutions on small feature maps through :class:`_SmallMapConv3x3`; everything else
+    convolutions on small feature maps (:func:`use_matmul_wgrad`) through :class:`_SmallMapConv3x3`; everything else
     (fp32, inference, export, other shapes) is the stock convolution."""
 
     def _fast_ok(self, x: torch.Tensor) -> bool:
         return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-                and x.dim() == 4 and x.shape[2] * x.shape[3] <= SMALL_MAP
+                and x.dim() == 4 and use_matmul_wgrad(x.shape[1], x.shape[2], x.shape[3])
                 and torch.is_grad_enabled() and self.weight.requires_grad
                 and x.device.type == "cpu"
                 and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and
