@@ -104,8 +104,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 # 4x4 and 2x2 stages at 32x32 input): measured on this repo's CPU it runs 2x (4x4, 512 channels)
 # to 4.5x (2x2) slower than forming the 9 shifted copies of the input (im2col, cheap at these
 # sizes) and doing one bf16 matmul with fp32 accumulation. See docs/benchmarks.md.
-
-
+#
 # Where the matmul weight gradient wins (bench/train_step.py --layers): every 2x2 map (3-7x), and
 # 4x4 maps with 512 input channels (2x); 256->512 at 4x4 is a tie or a loss, 8x8 and up a loss.
 SMALL_MAP = 4  # H*W at or below which the matmul weight gradient is always used
@@ -157,8 +156,9 @@ class _SmallMapConv3x3(torch.autograd.Function):
 
 class FastConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state-dict keys) that routes bf16 training of 3x3
-    convolutions on small feature maps (:func:`use_matmul_wgrad`) through :class:`_SmallMapConv3x3`; everything else
-    (fp32, inference, export, other shapes) is the stock convolution."""
+    convolutions on small feature maps (:func:`use_matmul_wgrad`) through
+    :class:`_SmallMapConv3x3`; everything else (fp32, inference, export, other shapes) is the
+    stock convolution."""
 
     def _fast_ok(self, x: torch.Tensor) -> bool:
         return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
