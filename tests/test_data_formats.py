@@ -417,3 +417,42 @@ def test_gz_magic_not_extension(tmp_path: Path) -> None:
     p = tmp_path / "mnist" / "t10k-labels-idx1-ubyte"
     p.write_bytes(gzip.compress(p.read_bytes()))
     assert len(load_dataset("mnist", data_dir=tmp_path, download=False).y_test) == 20
+
+
+def test_folder_image_modes(tmp_path: Path) -> None:
+    """Palette and RGBA images become RGB; 16-bit grey keeps its top 8 bits."""
+    from PIL import Image
+
+    src = tmp_path / "modes"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (src / split / cls).mkdir(parents=True)
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(src / "train" / "a" / "rgba.png")
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8), "RGB").convert("P", palette=Image.Palette.ADAPTIVE).save(
+        src / "train" / "b" / "pal.png")
+    Image.fromarray(np.full((4, 4), 0xABCD, np.uint16)).save(src / "test" / "a" / "grey16.png")
+    Image.fromarray(np.full((4, 4), 9, np.uint8), "L").save(src / "test" / "b" / "grey.bmp")
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    assert ds.image_shape == (3, 4, 4)
+    assert ds.x_train[0, :, 0, 0].tolist() == [200, 0, 0] and ds.x_train[1, :, 0, 0].tolist() == [7, 7, 7]
+    assert ds.x_test[0, :, 0, 0].tolist() == [0xAB] * 3 and ds.x_test[1, :, 0, 0].tolist() == [9] * 3
+
+
+def test_folder_symlinked_class_folders(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    arrays = T.write_image_folder(real)
+    linked = tmp_path / "linked"
+    (linked / "train").mkdir(parents=True)
+    (linked / "test").symlink_to(real / "test")
+    for cls in ("cat", "dog", "eel"):
+        (linked / "train" / cls).symlink_to(real / "train" / cls)
+    ds = load_dataset(f"folder:{linked}", data_dir=tmp_path / "d")
+    assert _eq(ds.x_train, arrays["x_train"]) and _eq(ds.x_test, arrays["x_test"])
+
+
+def test_numpy_integers_accepted(tmp_path: Path) -> None:
+    T.write_mnist(tmp_path / "mnist")
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False, image_size=np.int64(16), subset=np.int32(20))
+    assert ds.image_shape == (1, 16, 16) and len(ds.y_train) == 20

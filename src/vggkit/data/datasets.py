@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,15 +207,18 @@ def _read(kind: str, arg: str | None, data_dir: Path, *, download: bool, downloa
     return kind, idx.load_idx_dataset(files, _IDX[kind][2], str(location))
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _check_options(image_size: int | None, channels: int | None, subset: int | None, val_split: float) -> None:
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):
+    if image_size is not None and (not _is_int(image_size) or not 1 <= image_size <= MAX_IMAGE_SIZE):
         raise UsageError(f"--image-size {image_size}: expected an integer from 1 to {MAX_IMAGE_SIZE}")
-    if channels is not None and channels not in (1, 3):
+    if channels is not None and (not _is_int(channels) or channels not in (1, 3)):
         raise UsageError(f"--channels {channels}: expected 1 or 3")
-    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+    if subset is not None and (not _is_int(subset) or subset < 1):
         raise UsageError(f"--subset {subset}: expected a positive number of training images")
-    if not isinstance(val_split, (int, float)) or not 0.0 <= float(val_split) < 1.0:
+    if not isinstance(val_split, numbers.Real) or isinstance(val_split, bool) or not 0.0 <= float(val_split) < 1.0:
         raise UsageError(f"--val-split {val_split}: expected a fraction in [0, 1)")
 
 
@@ -243,7 +247,12 @@ def load_dataset(
     of train (stratified, ``seed``); keep a class-balanced ``subset`` of the remaining train images
     (``seed``); convert channels; resize; compute mean/std on the final train images.
     """
+    val_split = 0.0 if val_split is None else val_split
     _check_options(image_size, channels, subset, val_split)
+    image_size = int(image_size) if image_size is not None else None
+    channels = int(channels) if channels is not None else None
+    subset = int(subset) if subset is not None else None
+    val_split = float(val_split)
     kind, arg = _canonical(name)
     root = resolve_data_dir(data_dir)
     full_name, raw = _read(kind, arg, root, download=download, download_url=download_url,

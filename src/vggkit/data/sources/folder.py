@@ -75,7 +75,14 @@ class _Source:
 
 def _scan_dir(root: Path) -> tuple[_Source, str]:
     files, dirs, listing = [], set(), []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    # Follow symlinked folders (class folders are often links), but never the same one twice.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         base = Path(dirpath).relative_to(root).as_posix()
         base = "" if base == "." else base + "/"
