@@ -17,6 +17,7 @@ The pixel values do not change the cost, so random data is the default (no decod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,7 @@ def main() -> None:
     }
     step = training_step(args, engine, args.batch)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     variants = {name: batch_source(ld) for name, ld in loaders.items()}
     for fn in variants.values():  # warm-up (allocator, first-epoch setup)
@@ -147,6 +149,7 @@ def main() -> None:
             batch_times[name] += t
         step_times += C.interleave({"step": step}, 1, args.steps, sync)["step"]
 
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     ts = C.median(step_times)
     rows = [[name, f"{C.median(t) * 1e3:.2f}", f"{C.median(t) / ts:.2%}"] for name, t in batch_times.items()]
     rows.append(["VGG-16-BN training step (vggkit engine)", f"{ts * 1e3:.1f}", "100%"])
@@ -156,7 +159,9 @@ def main() -> None:
             f"Machine: {C.machine_line()}\n\n"
             f"Engine: {engine.describe()}; first step {first:.1f} s (warm-up, not counted).\n\n"
             f"Medians over {args.windows} alternating windows, each {args.batches} batches of every loader "
-            f"variant then {args.steps} training step(s).\n\n{table}\n")
+            f"variant then {args.steps} training step(s). Host load average {load_before:.1f} before, "
+            f"{load_after:.1f} after (shared host: absolute times swing with it, the ratio much less)."
+            f"\n\n{table}\n")
     if args.record:
         record(body)
 

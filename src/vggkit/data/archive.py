@@ -117,6 +117,10 @@ def extract_tar(path: Path, dest: Path, top: str) -> Path:
                     tar.extractall(tmp, members=members)
             except tarfile.FilterError as exc:
                 raise DataError(f"{path}: refusing archive member: {exc}") from None
+            except OSError as exc:
+                if exc.errno is None:  # gzip's BadGzipFile and friends: damage, not the filesystem
+                    raise DataError(f"{path}: truncated or corrupt archive ({exc}); delete it and download it again") from None
+                raise DataError(f"cannot extract {path.name} into {dest} ({exc.strerror})") from None
             except ARCHIVE_ERRORS as exc:
                 raise DataError(f"{path}: truncated or corrupt archive ({exc}); delete it and download it again") from None
             if not (tmp / top).is_dir():

@@ -145,6 +145,8 @@ class Loader:
                     f"but the split has {n:,}"
                 )
             return nb, nb * b * ws
+        if n == 0:
+            raise UsageError("cannot make batches from an empty split")
         if n < ws:
             raise UsageError(f"{n} sample(s) cannot be shared among {ws} ranks without empty batches")
         nb = -(-n // (b * ws))
@@ -200,8 +202,8 @@ class Loader:
         order = order.to(self.device, non_blocking=True)
         for lo, hi in self._bounds(len(order)):
             idx = order[lo:hi]
-            x = self._gather(idx, {k: v[lo:hi] for k, v in params.items()})
-            yield self._normalise(x, {k: v[lo:hi] for k, v in params.items()}), self.labels.index_select(0, idx)
+            p = {k: v[lo:hi] for k, v in params.items()}
+            yield self._normalise(self._gather(idx, p), p), self.labels.index_select(0, idx)
 
     def _gather(self, idx: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's uint8 NCHW images, randomly cropped and flipped: at most two gathers."""
