@@ -456,3 +456,38 @@ def test_numpy_integers_accepted(tmp_path: Path) -> None:
     T.write_mnist(tmp_path / "mnist")
     ds = load_dataset("mnist", data_dir=tmp_path, download=False, image_size=np.int64(16), subset=np.int32(20))
     assert ds.image_shape == (1, 16, 16) and len(ds.y_train) == 20
+
+
+def test_folder_cache_falls_back_to_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "imgs"
+    T.write_image_folder(src)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cache").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    load_dataset(f"folder:{src}", data_dir=data)
+    assert any((tmp_path / "xdg" / "vggkit" / "decoded").iterdir())
+    assert load_dataset(f"folder:{src}", data_dir=data).from_cache
+
+
+def test_folder_without_any_writable_cache_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    src = tmp_path / "imgs"
+    arrays = T.write_image_folder(src)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cache").write_text("x")
+    (tmp_path / "xdg").write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "data")
+    assert _eq(ds.x_train, arrays["x_train"]) and not ds.from_cache
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    arrays = T.write_image_folder(src)
+    load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    (entry,) = (tmp_path / "d" / "cache").iterdir()
+    (entry / "x_train.npy").write_bytes(b"garbage")
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    assert not ds.from_cache and _eq(ds.x_train, arrays["x_train"])
+    assert load_dataset(f"folder:{src}", data_dir=tmp_path / "d").from_cache, "the rebuilt entry is used next time"

@@ -372,10 +372,15 @@ def load_folder(
         raise DataError(f"{path}: neither a folder nor a .zip archive")
     name = f"folder-{(path.stem or 'data')[:40]}-{_cache_key(identity, image_size)}"
     for base in cache_dirs:
-        meta = _cache_load(base / name) if (base / name / "meta.json").is_file() else None
+        entry = base / name
+        if not (entry / "meta.json").is_file():
+            continue
+        meta = _cache_load(entry)
         if meta is not None:
-            log.info("loaded %s from the decoded-image cache %s", path, base / name)
+            log.info("loaded %s from the decoded-image cache %s", path, entry)
             return _from_arrays(path, meta["classes"], meta["loaded"], meta["skipped"], skip_bad_images, True)
+        log.warning("the decoded-image cache %s is damaged; decoding %s again", entry, path)
+        shutil.rmtree(entry, ignore_errors=True)
     if src is None:
         src = _scan_zip(path)
     try:
