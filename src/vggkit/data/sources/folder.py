@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from vggkit.data.archive import ARCHIVE_ERRORS, check_zip_member
 from vggkit.data.sources.base import RawData
-from vggkit.errors import DataError, UsageError
+from vggkit.errors import DataError
 
 log = logging.getLogger("vggkit.data")
 
@@ -438,9 +438,3 @@ def _from_arrays(
         skipped=list(skipped),
     )
 
-
-def parse_folder_arg(spec: str) -> Path:
-    """The path in ``folder:PATH`` (``~`` expanded); UsageError if empty."""
-    if not spec.strip():
-        raise UsageError("folder: needs a path, e.g. --dataset folder:path/to/images.zip")
-    return Path(spec).expanduser()
