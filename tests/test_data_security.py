@@ -81,7 +81,7 @@ def test_restricted_unpickler_checks_byte_count() -> None:
         restricted_loads(blob)
 
 
-@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
 def test_restricted_unpickler_reads_python3_pickles(protocol: int) -> None:
     data = np.arange(3072 * 2, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
     x, y = parse_batch(pickle.dumps({b"data": data, b"labels": [3, 4]}, protocol=protocol), "b")
