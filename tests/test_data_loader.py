@@ -202,3 +202,13 @@ def test_cuda_matches_cpu() -> None:
     assert gpu[0][0].device.type == "cuda"
     for (a, la), (b, lb) in zip(cpu, gpu):
         assert torch.equal(la, lb.cpu()) and torch.allclose(a, b.cpu(), atol=1e-6)
+
+
+def test_epoch_start_skips_batches_identically() -> None:
+    x = _images(n=50)
+    loader = Loader(x, torch.arange(50), 8, shuffle=True, seed=3, mean=[0.5] * 3, std=[0.5] * 3,
+                    augment=Augment(crop_padding=2, flip=True, cutout=3))
+    full = list(loader.epoch(4))
+    tail = list(loader.epoch(4, start=3))
+    assert len(tail) == len(full) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[3:], tail))

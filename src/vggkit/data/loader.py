@@ -195,12 +195,16 @@ class Loader:
             params["cx"] = torch.randint(0, w, (count,), generator=gen) - aug.cutout // 2
         return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield this rank's batches for ``epoch``: (images in ``dtype`` on the device, int64 labels)."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield this rank's batches for ``epoch``: (images in ``dtype`` on the device, int64 labels).
+
+        ``start`` skips the first batches without building them (resuming mid-epoch); the batches
+        that follow are identical to those of a full pass.
+        """
         order = self.indices(epoch)
         params = self._draw(len(order), epoch) if self.augment is not None else {}
         order = order.to(self.device, non_blocking=True)
-        for lo, hi in self._bounds(len(order)):
+        for lo, hi in self._bounds(len(order))[start:]:
             idx = order[lo:hi]
             p = {k: v[lo:hi] for k, v in params.items()}
             yield self._normalise(self._gather(idx, p), p), self.labels.index_select(0, idx)

@@ -438,3 +438,14 @@ def _from_arrays(
         skipped=list(skipped),
     )
 
+
+# Public names for code that decodes single images exactly as the folder reader does
+# (e.g. prediction on image files).
+BadImage = _BadImage
+
+
+def decode_image(blob: bytes, size: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
+    """Decode PNG/JPEG/BMP bytes as the folder reader does: (H, W) grey or (H, W, 3) RGB uint8
+    (read-only), and whether the image is grey; resized to ``size`` (width, height) with
+    Pillow's bilinear filter when given. Raises ``BadImage`` for anything undecodable."""
+    return _decode(blob, size)
