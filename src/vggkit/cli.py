@@ -66,6 +66,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vggkit.config import resolve_config
+    from vggkit.training.sweep import format_sweep, run_sweep
+
+    flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
+    config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
+    result = run_sweep(config, args.vary, recipe=args.recipe, chain=args.chain,
+                       progress=not args.quiet)
+    print_json(result) if args.json else print(format_sweep(result))
+    return 1 if result["failed"] else 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from vggkit.models import create_model, format_summary, summary_dict
 
@@ -259,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train a model and write a run folder (no arguments: a small VGG on "
                 "the embedded digits set)", cmd_train)
+    add_train_flags(p)
+
+    p = command("sweep", "train one run per value of --vary (or per combination of several), "
+                "then write one comparison report", cmd_sweep)
+    p.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="a train option and its values, e.g. epochs=10,20,50,100 (repeat for a "
+                   "cartesian product; ';' separates values of betas)")
+    p.add_argument("--no-chain", dest="chain", action="store_false",
+                   help="train every epochs value from scratch even when the schedule does "
+                   "not depend on the total epochs (the default then continues the shorter "
+                   "run, which gives the same result)")
     add_train_flags(p)
 
     p = command("evaluate", "accuracy, per-class metrics and confusion matrix of a run or "
