@@ -200,3 +200,16 @@ def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
     blocker.write_text("a file where the data folder should be")
     with pytest.raises(DataError, match=rf"cannot create the data folder {blocker}.*--data-dir"):
         load_dataset("mnist", data_dir=blocker, download_url="http://127.0.0.1:9", progress=False)
+
+
+def test_file_url_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local mirror folder works as a download base through a file:// address."""
+    blob, arrays = T.cifar_archive_bytes("cifar100")
+    mirror = tmp_path / "mirror" / "cifar100"
+    mirror.mkdir(parents=True)
+    (mirror / "cifar-100-python.tar.gz").write_bytes(blob)
+    group = replace(dl.OFFICIAL["cifar100"], resources=(dl.Resource("cifar-100-python.tar.gz", hashlib.md5(blob).hexdigest()),))
+    monkeypatch.setitem(dl.OFFICIAL, "cifar100", group)
+    ds = load_dataset("cifar100-coarse", data_dir=tmp_path / "data", download_url=(tmp_path / "mirror").as_uri() + "/{dataset}",
+                      progress=False)
+    assert np.array_equal(ds.y_train.numpy(), arrays["coarse_train"]) and ds.num_classes == 20
