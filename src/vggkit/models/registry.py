@@ -25,6 +25,21 @@ ARCHITECTURES["vgg_compact"] = Architecture(
     default_head="compact",
     description="compact 6-conv VGG-style net (32-32-64-64-128-128), conv-ReLU-BN, dropout after pools",
 )
+ARCHITECTURES["vgg_airbench"] = Architecture(
+    "airbench",
+    batch_norm=True,
+    block_order="conv-pool-bn-act",
+    activation="gelu",
+    conv_bias=False,
+    bn_eps=1e-12,
+    bn_momentum=0.4,  # airbench's "batchnorm_momentum 0.6" in PyTorch's convention (1 - 0.6)
+    bn_scale=False,
+    whiten_kernel=2,
+    init="airbench",
+    default_head="airbench",
+    description="airbench94's net: frozen 2x2 whitening stem (3->24), 3 groups conv-pool-BN-GELU "
+                "-> conv-BN-GELU (64/256/256), max-pool, linear x 1/9",
+)
 
 
 def list_models() -> list[str]:
