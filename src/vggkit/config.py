@@ -19,7 +19,7 @@ import yaml
 from vggkit.errors import UsageError, did_you_mean, unknown_name
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "plateau", "cosine", "onecycle", "time-decay")
+SCHEDULES = ("constant", "step", "plateau", "cosine", "onecycle", "time-decay", "triangle")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 NORMALIZE = ("meanstd", "unit")
@@ -74,6 +74,7 @@ class TrainConfig:
                         group="augmentation")
     flip: bool = opt(False, "random horizontal flips", group="augmentation")
     cutout: int = opt(0, "cutout square side in pixels (0: off)", group="augmentation")
+    drop_last: bool = opt(False, "drop each epoch's last incomplete training batch")
     # --- optimisation
     epochs: int = opt(12, "training epochs")
     batch_size: int = opt(64, "images per step (per process under torchrun)")
@@ -93,6 +94,25 @@ class TrainConfig:
     decay: float = opt(1e-6, "time-decay schedule: lr / (1 + decay * iterations), Keras's "
                        "legacy `decay`")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
+    triangle: list[float] = opt([0.2, 0.23, 0.07], "triangle schedule: start factor, peak "
+                                "position (fraction of training), end factor (airbench's)",
+                                metavar="START,PEAK,END")
+    norm_lr_scale: float = opt(1.0, "learning-rate multiplier for BatchNorm parameters "
+                               "(airbench: 64); with --decay-all their weight decay is divided "
+                               "by it, so their per-step decay stays lr x wd")
+    decay_all: bool = opt(False, "weight decay also on biases and BatchNorm parameters "
+                          "(default: weights of convolutions and dense layers only)")
+    lookahead: bool = opt(False, "airbench's lookahead averaging: from --lookahead-start, every "
+                          "--lookahead-every steps, an average of the weights (and BatchNorm "
+                          "statistics) is updated and copied back into the network")
+    lookahead_start: int = opt(3, "epoch (0-based) at which lookahead averaging starts")
+    lookahead_every: int = opt(5, "steps between lookahead updates")
+    lookahead_decay: float = opt(0.95, "lookahead per-step decay: an update keeps "
+                                 "decay**every * progress**power of the average")
+    lookahead_power: float = opt(3.0, "lookahead: exponent of the training progress in the "
+                                 "decay (averages more strongly towards the end)")
+    whiten_bias_epochs: int | None = opt(None, "models with a whitening stem: train its bias "
+                                         "for this many epochs, then freeze it (default: always)")
     early_stop: int | None = opt(None, "stop after this many epochs without a better "
                                  "validation accuracy", metavar="PATIENCE")
     # --- engine
@@ -121,6 +141,10 @@ class TrainConfig:
     report: bool = opt(True, "write the HTML/Markdown report at the end", group="output")
     tta: bool = opt(False, "final test accuracy averages the horizontally flipped view",
                     group="output")
+    tta_translate: int = opt(0, "with --tta, also average the (flipped and unflipped) views "
+                             "shifted by this many pixels up-left and down-right (reflect "
+                             "padding), weighted as airbench (1: airbench's level 2)",
+                             group="output")
 
     # ----------------------------------------------------------------- helpers
     def to_dict(self) -> dict[str, Any]:
@@ -237,7 +261,8 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
             raise bad(name, "must be a positive integer")
     if not config.lr > 0:
         raise bad("lr", "must be positive")
-    for name in ("weight_decay", "warmup_epochs", "decay", "crop_padding", "cutout"):
+    for name in ("weight_decay", "warmup_epochs", "decay", "crop_padding", "cutout",
+                 "lookahead_start", "lookahead_power", "tta_translate"):
         if getattr(config, name) < 0:
             raise bad(name, "must not be negative")
     if not 0 <= config.label_smoothing < 1:
@@ -265,6 +290,18 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
             raise bad(name, "must be a positive integer")
     if not 0 < config.gamma <= 1:
         raise bad("gamma", "must be in (0, 1]")
+    if (len(config.triangle) != 3 or not 0 < config.triangle[1] < 1
+            or min(config.triangle[0], config.triangle[2]) < 0):
+        raise bad("triangle", "must be START,PEAK,END with factors >= 0 and 0 < PEAK < 1, "
+                  "like 0.2,0.23,0.07")
+    if not config.norm_lr_scale > 0:
+        raise bad("norm_lr_scale", "must be positive")
+    if config.lookahead_every < 1:
+        raise bad("lookahead_every", "must be a positive integer")
+    if not 0 <= config.lookahead_decay <= 1:
+        raise bad("lookahead_decay", "must be in [0, 1]")
+    if config.whiten_bias_epochs is not None and config.whiten_bias_epochs < 0:
+        raise bad("whiten_bias_epochs", "must not be negative")
     return config
 
 

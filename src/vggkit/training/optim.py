@@ -16,22 +16,40 @@ from torch import nn
 from vggkit.config import TrainConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, weight_decay: float, *, norm_lr_scale: float = 1.0,
+                     decay_all: bool = False) -> list[dict[str, Any]]:
     """Weight decay on weights of convolutions and dense layers only; BatchNorm
-    parameters and biases are not decayed (decaying them only hurts)."""
-    decay, no_decay = [], []
+    parameters and biases are not decayed (decaying them only hurts) unless ``decay_all``
+    (airbench decays everything). ``norm_lr_scale`` != 1 puts BatchNorm parameters in a
+    group of their own whose rate is scaled by it (``lr_scale``, honoured by :func:`set_lr`)
+    and whose decay is divided by it, so that their per-step decay stays lr x wd."""
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                for p in m.parameters(recurse=False)}
+    separate_norm = norm_lr_scale != 1.0
+    decay, no_decay, norm = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim > 1 else no_decay).append(param)
+        if separate_norm and id(param) in norm_ids:
+            norm.append(param)
+        elif param.ndim > 1 or decay_all:
+            decay.append(param)
+        else:
+            no_decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if norm:
+        groups.append({"params": norm, "lr_scale": norm_lr_scale,
+                       "weight_decay": weight_decay / norm_lr_scale if decay_all else 0.0})
     return groups
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay, norm_lr_scale=config.norm_lr_scale,
+                              decay_all=config.decay_all)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum,
                                nesterov=config.nesterov and config.momentum > 0)
@@ -55,6 +73,7 @@ class Schedule:
     gamma: float = 0.1
     decay: float = 0.0
     plateau_patience: int = 3
+    triangle: tuple[float, float, float] = (0.2, 0.23, 0.07)
     state: dict[str, Any] = field(default_factory=lambda: {"factor": 1.0, "best": None, "bad": 0})
 
     @property
@@ -70,6 +89,14 @@ class Schedule:
             if it < up:
                 return self.base_lr * (0.1 + 0.9 * it / up)
             return self.base_lr * max(0.0, (self.total_steps - it) / max(1.0, self.total_steps - up))
+        if self.kind == "triangle":
+            # airbench's: linear from start to 1 at int(peak * steps), then linear to end.
+            start, peak, end = self.triangle
+            top = int(peak * self.total_steps)
+            if it < top:
+                return self.base_lr * (start + (1.0 - start) * it / top)
+            frac = min(1.0, (it - top) / max(1, self.total_steps - top))
+            return self.base_lr * (1.0 + (end - 1.0) * frac)
         if warm > 0 and it < warm:
             return self.base_lr * (it + 1) / warm
         if self.kind == "constant":
@@ -112,9 +139,84 @@ class Schedule:
             gamma=config.gamma,
             decay=config.decay,
             plateau_patience=config.plateau_patience,
+            triangle=tuple(config.triangle),
         )
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class Lookahead:
+    """airbench's lookahead averaging (Zhang et al. 2019 with an EMA): from epoch ``start``,
+    every ``every`` steps, ``avg = lerp(avg, net, 1 - rho)`` with
+    ``rho = decay**every * (step / total_steps)**power``, then the network is set to ``avg``;
+    every float entry of the state dict takes part (weights and BatchNorm statistics). The
+    first update only takes the copy. :meth:`end_epoch` copies the average back once more.
+
+    Its state travels inside the optimizer's state dict (negative indices, see :meth:`pack`),
+    so checkpoints carry it and a resumed run continues bit for bit.
+    """
+
+    KEY = "lookahead"
+
+    def __init__(self, model: nn.Module, *, start: int, every: int, decay: float, power: float,
+                 total_steps: int) -> None:
+        self.model = model
+        self.start, self.every, self.decay, self.power = start, every, decay, power
+        self.total_steps = max(1, total_steps)
+        self.average: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def from_config(model: nn.Module, config: TrainConfig, total_steps: int) -> Lookahead | None:
+        if not config.lookahead:
+            return None
+        return Lookahead(model, start=config.lookahead_start, every=config.lookahead_every,
+                         decay=config.lookahead_decay, power=config.lookahead_power,
+                         total_steps=total_steps)
+
+    def _entries(self) -> list[torch.Tensor]:
+        return [v for v in self.model.state_dict().values() if v.is_floating_point()]
+
+    @torch.no_grad()
+    def after_step(self, step: int, epoch: int) -> None:
+        """``step``: optimizer steps done so far (1-based), ``epoch`` 0-based."""
+        if epoch < self.start or step % self.every:
+            return
+        live = self._entries()
+        if self.average is None:
+            self.average = [v.detach().clone() for v in live]
+            return
+        rho = self.decay**self.every * (step / self.total_steps) ** self.power
+        for avg, v in zip(self.average, live):
+            avg.lerp_(v, 1 - rho)
+            v.copy_(avg)
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        if self.average is not None:
+            for avg, v in zip(self.average, self._entries()):
+                v.copy_(avg)
+
+    def pack(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer's state dict plus the average, as entries -1, -2, ... of its state."""
+        if self.average is None:
+            return optimizer_state
+        state = dict(optimizer_state["state"])
+        for j, avg in enumerate(self.average):
+            state[-1 - j] = {self.KEY: avg}
+        return {**optimizer_state, "state": state}
+
+    def unpack(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+        """Take the average out of a packed state dict; return the optimizer's own part."""
+        state = {int(k): v for k, v in optimizer_state["state"].items()}
+        mine = sorted((k for k in state if k < 0), reverse=True)
+        if mine:
+            live = self._entries()
+            if len(mine) != len(live):
+                raise ValueError(f"lookahead state holds {len(mine)} tensors, the model "
+                                 f"{len(live)}")
+            self.average = [state.pop(k)[self.KEY].to(v.device, v.dtype).clone()
+                            for k, v in zip(mine, live)]
+        return {**optimizer_state, "state": state}

@@ -35,11 +35,12 @@ from vggkit.models import (
     load_matching,
     read_state_dict,
 )
+from vggkit.models.vgg import init_whitening
 from vggkit.models.weights import remap_stagewise
 from vggkit.training import distributed as D
 from vggkit.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine, predict_logits
-from vggkit.training.optim import Schedule, build_optimizer, set_lr
+from vggkit.training.optim import Lookahead, Schedule, build_optimizer, set_lr
 
 log = logging.getLogger("vggkit.train")
 
@@ -210,19 +211,54 @@ class EpochTotals:
                            torch.zeros((), device=device, dtype=torch.int64))
 
 
+def tta_logits(model: nn.Module, images: torch.Tensor, engine: Engine,
+               translate: int = 0) -> torch.Tensor:
+    """Test-time augmentation, airbench's: the mean of the view and its mirror image; with
+    ``translate`` t, that mean weighted 1/2 plus, 1/4 each, the same for the views shifted
+    by t pixels up-left and down-right (reflect padding)."""
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=engine.memory_format)
+
+    def mirror(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (predict_logits(model, view(x), engine)
+                      + predict_logits(model, view(x.flip(-1)), engine))
+
+    logits = mirror(images)
+    if translate:
+        t = translate
+        h, w = images.shape[-2:]
+        padded = nn.functional.pad(images, (t, t, t, t), mode="reflect")
+        shifted = mirror(padded[:, :, :h, :w]) + mirror(padded[:, :, 2 * t:2 * t + h,
+                                                                2 * t:2 * t + w])
+        logits = 0.5 * logits + 0.25 * shifted
+    return logits
+
+
 @torch.no_grad()
-def collect_logits(model: nn.Module, loader, engine: Engine, tta: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_logits(model: nn.Module, loader, engine: Engine, tta: bool = False,
+                   translate: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (fp32) and labels of a whole split, in loader order, on the CPU."""
     model.eval()
     outs, labels = [], []
     for images, target in loader.epoch(0):
-        logits = predict_logits(model, images, engine)
         if tta:
-            logits = 0.5 * (logits + predict_logits(model, images.flip(-1), engine))
+            logits = tta_logits(model, images, engine, translate)
+        else:
+            logits = predict_logits(model, images, engine)
         outs.append(logits.cpu())
         labels.append(target.cpu())
     return torch.cat(outs), torch.cat(labels)
+
+
+def whiten_from_data(model: nn.Module, images: torch.Tensor, mean, std,
+                     count: int = 5000) -> None:
+    """Set the model's whitening stem from the first ``count`` training images, normalised
+    as the loader normalises them (airbench uses 5,000)."""
+    x = images[:count].to(torch.float32) / 255.0
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    init_whitening(model.features[0], (x - m) / s)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -370,7 +406,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                        channels_last=engine.channels_last)
     train_loader = Loader(dataset.x_train, dataset.y_train, config.batch_size, shuffle=True,
                           seed=config.seed, augment=augment, rank=dist.rank,
-                          world_size=dist.world_size, **loader_args)
+                          world_size=dist.world_size, drop_last=config.drop_last, **loader_args)
     has_val = dataset.x_val is not None and len(dataset.x_val) > 0
     val_x, val_y = (dataset.x_val, dataset.y_val) if has_val else (dataset.x_test, dataset.y_test)
     val_loader = Loader(val_x, val_y, config.eval_batch_size, shuffle=False, rank=dist.rank,
@@ -383,6 +419,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=num_classes, in_channels=channels,
                          input_size=image_size, head=head, dropout=config.dropout)
+    if arch.whiten_kernel and checkpoint is None:
+        whiten_from_data(model, dataset.x_train, mean, std)
+    if arch.whiten_kernel and config.whiten_bias_epochs is not None and dist.enabled:
+        raise UsageError("--whiten-bias-epochs freezes a parameter mid-run, which "
+                         "DistributedDataParallel does not allow; leave it unset under torchrun")
     if config.init_from and checkpoint is None:
         build_init_state(config, model)
     params = count_parameters(model)
@@ -391,6 +432,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, config, lr)
     schedule = Schedule.from_config(config, lr, len(train_loader))
+    lookahead = Lookahead.from_config(model, config, len(train_loader) * config.epochs)
     start_epoch, start_batch, best = 0, 0, {"acc": -1.0, "epoch": 0}
     stale_epochs = 0
     partial_totals = None
@@ -398,7 +440,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         meta = checkpoint.meta
         try:
             model.load_state_dict(checkpoint.model_state)
-            optimizer.load_state_dict(checkpoint.optimizer_state)
+            optimizer_state = checkpoint.optimizer_state
+            if lookahead is not None:
+                optimizer_state = lookahead.unpack(optimizer_state)
+            else:  # a lookahead average saved by a run that had it on: not ours to load
+                optimizer_state = {**optimizer_state, "state": {
+                    k: v for k, v in optimizer_state["state"].items() if int(k) >= 0}}
+            optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(
@@ -445,8 +493,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         meta = {**meta_base, "epoch": epoch, "batch": batch, "best": best,
                 "stale_epochs": stale_epochs, "schedule_state": schedule.state,
                 "partial_totals": totals}
+        optimizer_state = None
+        if with_state:
+            optimizer_state = optimizer.state_dict()
+            if lookahead is not None:
+                optimizer_state = lookahead.pack(optimizer_state)
         save_checkpoint(out / "checkpoints" / f"{name}.safetensors", model.state_dict(), meta,
-                        optimizer.state_dict() if with_state else None,
+                        optimizer_state,
                         rng_state(engine.device) if with_state else None)
 
     if main:
@@ -470,6 +523,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     with StopFlag() as stop:
         for epoch in range(start_epoch, config.epochs):
             net.train()
+            if arch.whiten_kernel and config.whiten_bias_epochs is not None:
+                model.features[0].bias.requires_grad_(epoch < config.whiten_bias_epochs)
             totals = EpochTotals.zeros(engine.device)
             first_batch = start_batch if epoch == start_epoch else 0
             if first_batch and partial_totals:
@@ -486,6 +541,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 it = epoch * steps_per_epoch + batch
                 set_lr(optimizer, schedule.lr_at(it))
                 loss, correct = step(images, labels)
+                if lookahead is not None:
+                    lookahead.after_step(it + 1, epoch)
                 totals.loss_sum += loss.double() * len(labels)
                 totals.correct += correct
                 totals.count += len(labels)
@@ -514,6 +571,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                         f"interrupted by {signal.Signals(stop.signal).name} at epoch {epoch + 1}, "
                         f"batch {batch + 1}; checkpoint written. Resume with: "
                         f"vggkit train --resume {out}")
+            if lookahead is not None:
+                lookahead.end_epoch()
             bar.close()
             epoch_seconds = totals.seconds + time.perf_counter() - tick
             sums = torch.tensor([totals.loss_sum.item(), float(totals.correct.item()),
@@ -579,7 +638,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     # --- final test evaluation of the last weights, every rank on the whole test set
     test_loader = Loader(dataset.x_test, dataset.y_test, config.eval_batch_size, shuffle=False,
                          **loader_args)
-    logits, labels = collect_logits(model, test_loader, engine, tta=config.tta)
+    tick = time.perf_counter()
+    logits, labels = collect_logits(model, test_loader, engine, tta=config.tta,
+                                    translate=config.tta_translate)
+    test_seconds = time.perf_counter() - tick
     test = score(logits, labels)
     history = read_metrics(metrics_path)
     digests = D.all_gather_object(weights_digest(model), dist)
@@ -591,6 +653,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "test_acc": test["acc"],
         **({"top5_acc": test["top5_acc"]} if "top5_acc" in test else {}),
         "tta": config.tta,
+        "tta_translate": config.tta_translate if config.tta else 0,
+        "test_seconds": test_seconds,
         "best_epoch": best["epoch"],
         "best_val_acc": best["acc"],
         "val_source": "val" if has_val else "test",
@@ -618,10 +682,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         write_json_atomic(out / "summary.json", summary)
         if writer is not None:
             writer.close()
-        log.info("test loss %.4f  test acc %.2f%%%s  time of learning %.1fs  -> %s",
-                 test["loss"], 100 * test["acc"],
+        log.info("test loss %.4f  test acc %.2f%%%s%s  time of learning %.1fs  wall time %.1fs"
+                 "  -> %s", test["loss"], 100 * test["acc"],
                  f"  top-5 {100 * test['top5_acc']:.2f}%" if "top5_acc" in test else "",
-                 train_seconds, out)
+                 " (TTA)" if config.tta else "", train_seconds, summary["wall_seconds"], out)
         if config.report:
             _write_report(out)
     D.shutdown(dist)
