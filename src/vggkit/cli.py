@@ -125,7 +125,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         return 0
     width = max(len(r["name"]) for r in rows) + 2
     for r in rows:
-        mark = "present" if r["present"] else "missing"
+        mark = "-" if r.get("kind") == "path" else "present" if r["present"] else "missing"
         print(f"{r['name']:<{width}}{mark:<9}{r['location']}  {r.get('description', '')}")
     return 0
 

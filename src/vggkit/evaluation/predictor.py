@@ -32,12 +32,12 @@ def prepare_image(path: str | Path, channels: int, size: int, folder_dataset: bo
     trained on an image folder; the array path's otherwise) and converted to the model's
     channels (ITU-R 601 luma, or the plane repeated)."""
     from vggkit.data.prepare import convert_channels, resize
-    from vggkit.data.sources.folder import _BadImage, _decode
+    from vggkit.data.sources.folder import BadImage, decode_image
 
     blob = read_bytes(path)
     try:
-        array, _gray = _decode(blob, (size, size) if folder_dataset else None)
-    except _BadImage as exc:
+        array, _gray = decode_image(blob, (size, size) if folder_dataset else None)
+    except BadImage as exc:
         raise DataError(f"image {path}: {exc}") from None
     image = torch.tensor(array, dtype=torch.uint8)  # a copy: Pillow's array is read-only
     image = image[None, None] if image.ndim == 2 else image.permute(2, 0, 1)[None]
