@@ -16,8 +16,8 @@ from vggkit.training.trainer import read_metrics
 
 # vgg_compact at the digits' native 8x8: a run takes seconds.
 TINY = ["--model", "vgg_compact", "--dataset", "digits", "--image-size", "8", "--batch-size",
-        "64", "--precision", "fp32", "--no-report", "--crop-padding", "1", "--flip", "--threads", "1",
-        "--subset", "400"]
+        "64", "--precision", "fp32", "--no-report", "--crop-padding", "1", "--flip",
+        "--threads", "1", "--subset", "400"]
 TIME_KEYS = ("epoch_seconds", "images_per_second", "elapsed_seconds")
 
 
@@ -30,8 +30,8 @@ def tiny_config(out: Path, **kw) -> TrainConfig:
 
 def test_sweep_over_two_values_writes_two_runs_and_one_report(tmp_path, capsys):
     out = tmp_path / "sweep"
-    code = main(["sweep", *TINY, "--epochs", "1", "--schedule", "constant", "--vary", "lr=0.05,0.02",
-                 "--out", str(out)])
+    code = main(["sweep", *TINY, "--epochs", "1", "--schedule", "constant",
+                 "--vary", "lr=0.05,0.02", "--out", str(out)])
     assert code == 0
     runs = sorted(p for p in out.iterdir() if p.is_dir() and p.name != "report_files")
     assert [p.name for p in runs] == ["01-lr-0.05", "02-lr-0.02"]

@@ -286,6 +286,9 @@ def run_sweep(base: TrainConfig, vary_items: list[str], *, recipe: str | None = 
             report = [str(p) for p in write_report(finished, folder)]
         except VggkitError as exc:
             log.warning("comparison report not written: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the runs are saved
+            log.warning("comparison report not written (a bug; `vggkit report %s --debug` "
+                        "shows it): %r", " ".join(map(str, finished)), exc)
     _write_manifest(folder, runs, vary, recipe)
     result = {"folder": str(folder), "runs": [r.record() for r in runs], "report": report,
               "failed": [r.name for r in runs if r.status in ("failed", "skipped")]}
