@@ -98,7 +98,7 @@ def run_cli(args, **kw):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_a_checkpoint_and_resume_finishes(tmp_path, sig):
     run = tmp_path / "run"
-    proc = run_cli(["train", "--model", "vgg_compact", "--image-size", "8", "--epochs", "200", "--batch-size", "16",
+    proc = run_cli(["train", "--model", "vgg_compact", "--image-size", "8", "--epochs", "200", "--batch-size", "32",
                     "--precision", "fp32", "--no-report", "--out", str(run)])
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
@@ -167,9 +167,10 @@ def test_bf16_and_fp32_reach_the_same_accuracy_on_digits(tmp_path):
 
 
 def test_init_from_a_shallower_run(tmp_path, caplog):
-    train(tiny(tmp_path, "small", model="vgg11_bn", epochs=1, image_size=32), progress=False)
+    train(tiny(tmp_path, "small", model="vgg11_bn", epochs=1, image_size=32, subset=128),
+          progress=False)
     caplog.set_level("INFO", logger="vggkit")
-    summary = train(tiny(tmp_path, "deep", model="vgg13_bn", epochs=1, image_size=32,
+    summary = train(tiny(tmp_path, "deep", model="vgg13_bn", epochs=1, image_size=32, subset=128,
                          init_from=str(tmp_path / "small")), progress=False)
     assert summary["epochs_completed"] == 1
     assert any("--init-from" in r.message and "loaded" in r.message for r in caplog.records)
