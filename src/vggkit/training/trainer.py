@@ -535,9 +535,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                            progress and main)
             tick = time.perf_counter()
             last_shown, shown = tick, 0
-            for batch, (images, labels) in enumerate(train_loader.epoch(epoch)):
-                if batch < first_batch:
-                    continue  # resuming mid-epoch: same batches, same augmentation, skipped
+            # Resuming mid-epoch starts at the next batch; the loader draws the same
+            # permutation and augmentation as a full pass, so the batches are identical.
+            batches = train_loader.epoch(epoch, start=first_batch)
+            for batch, (images, labels) in enumerate(batches, start=first_batch):
                 it = epoch * steps_per_epoch + batch
                 set_lr(optimizer, schedule.lr_at(it))
                 loss, correct = step(images, labels)
