@@ -38,7 +38,12 @@ from vggkit.models import (
 from vggkit.models.vgg import init_whitening
 from vggkit.models.weights import remap_stagewise
 from vggkit.training import distributed as D
-from vggkit.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vggkit.training.checkpoint import (
+    check_loadable,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine, predict_logits
 from vggkit.training.optim import Lookahead, Schedule, build_optimizer, set_lr
 
@@ -147,7 +152,7 @@ def build_init_state(config: TrainConfig, model: nn.Module) -> None:
     """--init-from: another run's or checkpoint's matching layers, or a torchvision-layout
     weights file."""
     source = Path(config.init_from)
-    if source.is_dir() or (source.suffix == ".safetensors" and _is_vggkit_checkpoint(source)):
+    if source.is_dir() or (source.suffix == ".safetensors" and check_loadable(source)):
         ckpt = load_checkpoint(find_checkpoint(source, "best"))
         state = ckpt.model_state
         src_arch = get_architecture(ckpt.meta["model"]["name"])
@@ -161,14 +166,6 @@ def build_init_state(config: TrainConfig, model: nn.Module) -> None:
         report = load_matching(model, state, partial=config.partial,
                                source=f"--init-from {source}")
     log.info("--init-from %s: %s", source, report)
-
-
-def _is_vggkit_checkpoint(path: Path) -> bool:
-    try:
-        load_checkpoint(path)
-        return True
-    except VggkitError:
-        return False
 
 
 def weights_digest(model: nn.Module) -> str:
