@@ -206,3 +206,15 @@ def test_schedules(kind):
 def test_warmup_rises_linearly():
     s = Schedule("cosine", base_lr=1.0, steps_per_epoch=10, epochs=5, warmup_epochs=1)
     assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(9) == pytest.approx(1.0)
+
+
+def test_resume_flags_equal_to_defaults_still_count(tmp_path):
+    """`--resume RUN --epochs 12` extends a 1-epoch run to 12 even though 12 is the default."""
+    from vggkit.cli import main
+
+    run = tmp_path / "run"
+    train(tiny(tmp_path, epochs=1, schedule="constant"), progress=False)
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", str(TrainConfig().epochs),
+                 "--quiet", "--no-report"]) == 0
+    assert read_metrics(run / "metrics.jsonl")[-1]["epoch"] == TrainConfig().epochs

@@ -52,12 +52,14 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from vggkit.config import resolve_config
+    from vggkit.config import load_yaml, resolve_config
     from vggkit.training.trainer import train
 
     flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
     config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
-    summary = train(config, progress=not args.quiet)
+    # What the user set, so that `--resume RUN --epochs 12` counts even where 12 is a default.
+    explicit = set(flags) | (set(load_yaml(args.config)) if args.config else set())
+    summary = train(config, progress=not args.quiet, explicit=explicit)
     if args.json:
         print_json(summary)
     else:

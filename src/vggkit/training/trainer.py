@@ -322,9 +322,11 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- train
-def resolve_resume(config: TrainConfig) -> tuple[TrainConfig, Any]:
-    """With --resume RUN: the run's saved config, overridden by what differs from the
-    defaults in ``config`` (e.g. more --epochs), and its last checkpoint."""
+def resolve_resume(config: TrainConfig, explicit: set[str] | None = None
+                   ) -> tuple[TrainConfig, Any]:
+    """With --resume RUN: the run's saved config, overridden by the options the user gave
+    (``explicit``, from the CLI; from the API, those that differ from the defaults), e.g.
+    more --epochs; and its last checkpoint."""
     import yaml
 
     run = Path(config.resume)
@@ -332,11 +334,9 @@ def resolve_resume(config: TrainConfig) -> tuple[TrainConfig, Any]:
         raise UsageError(f"--resume {run}: not a run folder (no config.yaml)")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     defaults = TrainConfig()
-    changed = {
-        name: getattr(config, name)
-        for name in FIELDS
-        if getattr(config, name) != getattr(defaults, name) and name not in ("resume", "out")
-    }
+    given = explicit if explicit is not None else {
+        name for name in FIELDS if getattr(config, name) != getattr(defaults, name)}
+    changed = {name: getattr(config, name) for name in given if name not in ("resume", "out")}
     merged = apply_overrides(TrainConfig(), {**saved, **changed}, source=f"{run}/config.yaml")
     merged = dataclasses.replace(merged, resume=str(run), out=str(run))
     ckpt_path = run / "checkpoints" / "last.safetensors"
@@ -347,12 +347,15 @@ def resolve_resume(config: TrainConfig) -> tuple[TrainConfig, Any]:
     return merged, load_checkpoint(ckpt_path)
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train as ``config`` says and return the summary (the fields of summary.json)."""
+def train(config: TrainConfig, *, progress: bool = True,
+          explicit: set[str] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says and return the summary (the fields of summary.json).
+    ``explicit``: the options the user set (the CLI passes them), which override a resumed
+    run's saved config even where they equal the defaults."""
     wall_start = time.perf_counter()
     checkpoint = None
     if config.resume:
-        config, checkpoint = resolve_resume(config)
+        config, checkpoint = resolve_resume(config, explicit)
 
     # --- engine and processes
     engine = make_engine(config.device, config.precision, config.channels_last,
