@@ -19,10 +19,10 @@ from numpy.lib import format as npformat
 
 from vggkit.data.archive import ARCHIVE_ERRORS, check_zip_member
 from vggkit.data.sources.base import RawData, check_labels
+from vggkit.data.sources.idx import _read_upto
 from vggkit.errors import DataError
 
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
-_CHUNK = 1 << 24
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.ndarray:
@@ -42,16 +42,10 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.n
         have = info.file_size - fh.tell()
         if need != have:
             raise DataError(f"{label}: header promises {need:,} bytes for shape {shape} of {dtype}, member holds {have:,}")
-        parts, left = [], need
-        while left > 0:
-            block = fh.read(min(left, _CHUNK))
-            if not block:
-                break
-            parts.append(block)
-            left -= len(block)
-        if left:
+        blob = _read_upto(fh, need)
+        if len(blob) < need:
             raise DataError(f"{label}: truncated")
-    arr = np.frombuffer(bytearray(b"".join(parts)), dtype=dtype)
+    arr = np.frombuffer(bytearray(blob), dtype=dtype)
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
