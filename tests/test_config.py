@@ -69,6 +69,10 @@ def test_missing_config_file_is_named(tmp_path):
         (["--betas", "0.9"], "--betas must be two numbers"),
         (["--channels", "2"], "--channels must be 1 or 3"),
         (["--label-smoothing", "1.5"], "--label-smoothing must be in"),
+        (["--triangle", "0.2,1.5,0"], "--triangle must be START,PEAK,END"),
+        (["--lookahead-every", "0"], "--lookahead-every must be a positive integer"),
+        (["--norm-lr-scale", "0"], "--norm-lr-scale must be positive"),
+        (["--lookahead-decay", "2"], "--lookahead-decay must be in"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
