@@ -7,7 +7,7 @@ Module layout and parameter names follow torchvision's ``VGG`` (``features.N``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -67,7 +67,6 @@ class Architecture:
     pool_dropout: tuple[float, ...] = ()
     default_head: str = "linear"
     description: str = ""
-    aliases: tuple[str, ...] = field(default=())
     # "relu" or "gelu" (exact, erf-based: nn.GELU()).
     activation: str = "relu"
     conv_bias: bool = True

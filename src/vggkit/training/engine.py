@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -293,9 +292,3 @@ class TrainStep:
 def predict_logits(model: nn.Module, images: torch.Tensor, engine: Engine) -> torch.Tensor:
     with engine.autocast():
         return model(images).float()
-
-
-def allocator_env_hint() -> dict[str, str]:
-    """Environment settings of glibc's allocator that were measured to speed up training
-    on CPU (see docs/benchmarks.md); applied by the CLI before torch allocates."""
-    return {k: os.environ.get(k, "") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
