@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -12,8 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from vggkit.data import DATASET_NAMES, Dataset, list_datasets, load_dataset
+from vggkit.data import DATASET_NAMES, Dataset, list_datasets
+from vggkit.data import load_dataset as _load_dataset
 from vggkit.data import testing as T
+
+# These tests read files back exactly: no validation split unless a test asks for one.
+load_dataset = functools.partial(_load_dataset, val_split=0)
 from vggkit.data.sources.cifar import CIFAR10
 from vggkit.errors import DataError, UsageError
 
@@ -250,8 +255,10 @@ def test_folder_single_set_holds_out_fixed_test(tmp_path: Path) -> None:
     assert len(a.y_test) == 6 and len(a.y_train) == 24 and a.x_val is None
     assert torch.bincount(a.y_test).tolist() == [2, 2, 2]
     assert torch.equal(a.x_test, b.x_test)
+    # the validation split comes out of the remaining 80%, never out of the test part
     c = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", val_split=0.5)
-    assert len(c.y_test) == 15
+    assert (len(c.y_test), len(c.y_val), len(c.y_train)) == (6, 12, 12)
+    assert torch.equal(c.x_test, a.x_test)
 
 
 def test_folder_jpeg_resized(tmp_path: Path) -> None:
@@ -383,7 +390,8 @@ def test_subset_and_val_split(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kwargs,flag", [
     ({"image_size": 0}, "--image-size"), ({"channels": 2}, "--channels"), ({"subset": 0}, "--subset"),
-    ({"val_split": 1.0}, "--val-split"), ({"subset": 10_000}, "--subset 10000"),
+    ({"val_split": 1.5}, "--val-split"), ({"val_split": -0.1}, "--val-split"),
+    ({"subset": 10_000}, "--subset 10000"),
 ])
 def test_bad_options_name_the_flag(tmp_path: Path, kwargs: dict, flag: str) -> None:
     T.write_mnist(tmp_path / "mnist")

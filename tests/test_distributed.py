@@ -18,7 +18,8 @@ import torch
 
 from vggkit.config import TrainConfig
 from vggkit.training.checkpoint import load_checkpoint
-from vggkit.training.trainer import read_metrics, train
+from vggkit.runfolder import read_metrics
+from vggkit.workflow import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available in this build")

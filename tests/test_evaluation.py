@@ -19,7 +19,8 @@ from vggkit.evaluation import evaluate, format_evaluation
 from vggkit.evaluation import metrics as M
 from vggkit.evaluation import plots
 from vggkit.training.checkpoint import model_from_checkpoint, save_checkpoint
-from vggkit.training.trainer import read_metrics, train
+from vggkit.runfolder import read_metrics
+from vggkit.workflow import train
 
 # vgg_compact at the digits' native 8x8: two epochs take seconds.
 SUBSET = 300
@@ -185,8 +186,15 @@ def test_evaluate_a_lone_checkpoint_writes_beside_it(run, tmp_path):
 
 
 def test_evaluate_errors_name_the_flag_or_file(run, tmp_path):
-    with pytest.raises(UsageError, match="--split val.*without --val-split"):
-        evaluate(run, split="val")
+    val = evaluate(run, split="val", out_dir=tmp_path / "val")  # held out of train by default
+    assert val["n"] == json.loads((run / "summary.json").read_text())["val_size"] > 0
+    from vggkit.evaluation.runs import load_split
+    from vggkit.training.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(run / "checkpoints" / "last.safetensors").meta
+    meta["config"]["val_split"] = 0
+    with pytest.raises(UsageError, match="--split val.*--val-split 0"):
+        load_split(meta, "val")
     with pytest.raises(UsageError, match="--split"):
         evaluate(run, split="holdout")
     with pytest.raises(CheckpointError, match="nowhere"):

@@ -19,7 +19,9 @@ from vggkit.recipes import list_recipes, load_recipe
 from vggkit.training.checkpoint import load_checkpoint
 from vggkit.training.engine import make_engine
 from vggkit.training.optim import Lookahead, Schedule, build_optimizer, set_lr
-from vggkit.training.trainer import read_metrics, train, tta_logits
+from vggkit.runfolder import read_metrics
+from vggkit.training.scoring import tta_logits
+from vggkit.workflow import train
 
 
 # ----------------------------------------------------------------------------- network

@@ -18,7 +18,7 @@ from vggkit.errors import DataError, UsageError
 from vggkit.evaluation import format_predictions, predict
 from vggkit.evaluation.predictor import prepare_image
 from vggkit.training.checkpoint import model_from_checkpoint
-from vggkit.training.trainer import train
+from vggkit.workflow import train
 
 SIZE = 32  # the model's input side: the digits' 8x8 enlarged by the data pipeline
 MODES = ["RGBA", "RGB", "L", "LA", "P", "I;16"]

@@ -15,7 +15,7 @@ from vggkit.data import testing as T
 from vggkit.errors import UsageError
 from vggkit.models.registry import create_model, get_architecture
 from vggkit.recipes import list_recipes, load_recipe
-from vggkit.training.trainer import train
+from vggkit.workflow import train
 
 RECIPES = sorted(list_recipes())
 TRAIN_SUBSET = 20  # images: VGG-16 with the 4096 head is ~34M parameters

@@ -22,7 +22,8 @@ from vggkit.config import TrainConfig
 from vggkit.errors import CheckpointError, UsageError
 from vggkit.training import checkpoint as C
 from vggkit.training.checkpoint import load_checkpoint
-from vggkit.training.trainer import read_metrics, train
+from vggkit.runfolder import read_metrics
+from vggkit.workflow import train
 
 TINY = ["--model", "vgg_compact", "--image-size", "8", "--batch-size", "64", "--precision",
         "fp32", "--no-report"]

@@ -20,7 +20,7 @@ from vggkit.config import TrainConfig
 from vggkit.errors import DataError, UsageError
 from vggkit.evaluation import plots, report
 from vggkit.evaluation.report import write_report
-from vggkit.training.trainer import train
+from vggkit.workflow import train
 
 TINY = dict(model="vgg_compact", dataset="digits", image_size=8, subset=200, batch_size=50,
             crop_padding=0, flip=False, precision="fp32")

@@ -10,9 +10,9 @@ import pytest
 from vggkit.cli import main
 from vggkit.config import TrainConfig
 from vggkit.errors import UsageError
-from vggkit.training import sweep as sweep_mod
-from vggkit.training.sweep import parse_vary, plan_sweep, run_sweep
-from vggkit.training.trainer import read_metrics
+from vggkit import sweep as sweep_mod
+from vggkit.sweep import parse_vary, plan_sweep, run_sweep
+from vggkit.runfolder import read_metrics
 
 # vgg_compact at the digits' native 8x8: a run takes seconds.
 TINY = ["--model", "vgg_compact", "--dataset", "digits", "--image-size", "8", "--batch-size",
@@ -65,7 +65,7 @@ def test_bad_vary_fails_before_any_training(tmp_path, monkeypatch, capsys, vary,
     def no_training(*a, **k):
         raise AssertionError("trained despite a bad --vary")
 
-    monkeypatch.setattr("vggkit.training.trainer.train", no_training)
+    monkeypatch.setattr("vggkit.workflow.train", no_training)
     out = tmp_path / "sweep"
     # the bad value comes after a good one: nothing may run before the check
     code = main(["sweep", *TINY, "--vary", "lr=0.05,0.02", "--vary", vary, "--out", str(out)])

@@ -19,7 +19,9 @@ from vggkit.config import TrainConfig
 from vggkit.errors import UsageError
 from vggkit.training.checkpoint import load_checkpoint, model_from_checkpoint
 from vggkit.training.optim import Schedule
-from vggkit.training.trainer import NonFiniteLoss, read_metrics, train
+from vggkit.runfolder import read_metrics
+from vggkit.training.trainer import NonFiniteLoss
+from vggkit.workflow import train
 
 # vgg_compact at the digits' native 8x8 (three poolings divide it): a run takes seconds.
 TINY = dict(model="vgg_compact", dataset="digits", image_size=8, batch_size=64, lr=0.05, report=False,
@@ -98,8 +100,10 @@ def run_cli(args, **kw):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_a_checkpoint_and_resume_finishes(tmp_path, sig):
     run = tmp_path / "run"
+    # constant rate: the resume below stops the run short, which a schedule planned for its
+    # total length (the one-cycle default) refuses
     proc = run_cli(["train", "--model", "vgg_compact", "--image-size", "8", "--epochs", "200", "--batch-size", "32",
-                    "--precision", "fp32", "--no-report", "--out", str(run)])
+                    "--schedule", "constant", "--precision", "fp32", "--no-report", "--out", str(run)])
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -128,7 +132,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     def stop_after_30(self, images, labels):
         out = real(self, images, labels)
         calls["n"] += 1
-        if calls["n"] == 30:  # in epoch 2 (digits: 23 batches of 64 per epoch)
+        if calls["n"] == 30:  # in epoch 2 (digits less its validation split: 21 batches of 64)
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
@@ -137,7 +141,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, monkeypatch):
         train(tiny(tmp_path, "split", epochs=2), progress=False)
     monkeypatch.setattr(T.TrainStep, "__call__", real)
     meta = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").meta
-    assert (meta["epoch"], meta["batch"]) == (1, 30 - 23)
+    assert (meta["epoch"], meta["batch"]) == (1, 30 - 21)
     train(TrainConfig(resume=str(tmp_path / "split")), progress=False)
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors").model_state
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").model_state

@@ -19,7 +19,7 @@ _LAZY = {
     "list_models": "vggkit.models",
     "load_dataset": "vggkit.data",
     "TrainConfig": "vggkit.config",
-    "train": "vggkit.training.trainer",
+    "train": "vggkit.workflow",
     "evaluate": "vggkit.evaluation",
     "predict": "vggkit.evaluation",
     "VggkitError": "vggkit.errors",

@@ -36,6 +36,16 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
+def command_line(command: str) -> str:
+    """The command as the user typed it (for summary.json): ``vggkit train --epochs 5``."""
+    import shlex
+
+    argv = sys.argv[1:]
+    if command in argv:  # drop global flags before the command, keep the rest verbatim
+        argv = argv[argv.index(command):]
+    return "vggkit " + " ".join(shlex.quote(a) for a in argv)
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -53,13 +63,14 @@ def setup_logging(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     from vggkit.config import load_yaml, resolve_config
-    from vggkit.training.trainer import train
+    from vggkit.workflow import train
 
     flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
     config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
     # What the user set, so that `--resume RUN --epochs 12` counts even where 12 is a default.
     explicit = set(flags) | (set(load_yaml(args.config)) if args.config else set())
-    summary = train(config, progress=not args.quiet, explicit=explicit)
+    summary = train(config, progress=not args.quiet, explicit=explicit,
+                    command=command_line("train"))
     if args.json:
         print_json(summary)
     else:
@@ -70,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from vggkit.config import resolve_config
-    from vggkit.training.sweep import format_sweep, run_sweep
+    from vggkit.sweep import format_sweep, run_sweep
 
     flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
     config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
@@ -160,10 +171,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     import time
 
     from vggkit.evaluation.report import write_report
+    from vggkit.runfolder import RunFolder
 
     runs = [Path(r) for r in args.runs]
     for run in runs:
-        if not (run / "summary.json").is_file() and not (run / "metrics.jsonl").is_file():
+        folder = RunFolder(run)
+        if not folder.summary_path.is_file() and not folder.metrics_path.is_file():
             raise UsageError(f"{run}: not a run folder (no summary.json or metrics.jsonl)")
     out = Path(args.out) if args.out else (
         runs[0] if len(runs) == 1 else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -63,8 +63,11 @@ class TrainConfig:
                          choices=NORMALIZE, group="data")
     subset: int | None = opt(None, "train on N images, balanced across classes (seeded)",
                              group="data")
-    val_split: float = opt(0.0, "fraction of train held out for validation (stratified, seeded)",
-                           group="data")
+    val_split: float | None = opt(None, "validation images held out of the training set "
+                                  "(stratified, seeded): a fraction (0.1) or a number (5000); "
+                                  "0 trains on all of them and selects nothing (default: 5,000 "
+                                  "for CIFAR, MNIST and Fashion-MNIST, 10%% for the others)",
+                                  group="data", metavar="F_OR_N")
     skip_bad_images: bool = opt(False, "skip (and count) unreadable images in a folder dataset",
                                 group="data")
     # --- augmentation (whole-batch, on the training device)
@@ -84,7 +87,10 @@ class TrainConfig:
     nesterov: bool = opt(True, "Nesterov momentum for SGD")
     betas: list[float] = opt([0.9, 0.999], "Adam/AdamW betas", metavar="B1,B2")
     weight_decay: float = opt(5e-4, "L2 weight decay (decoupled for AdamW)")
-    schedule: str = opt("onecycle", "learning-rate schedule", choices=SCHEDULES)
+    schedule: str = opt("onecycle", "learning-rate schedule; onecycle is the linear one-cycle "
+                        "(a triangle: 0.1x -> 1x over --warmup-epochs, default 30%% of training, "
+                        "then linearly to 0), not PyTorch's cosine OneCycleLR, and it does not "
+                        "cycle the momentum", choices=SCHEDULES)
     warmup_epochs: float = opt(0.0, "linear warm-up from 0 over this many epochs "
                                "(onecycle: its rising part)")
     step_size: int = opt(30, "step schedule: epochs between decays")
@@ -136,6 +142,9 @@ class TrainConfig:
                           group="output")
     resume: str | None = opt(None, "continue the run in this folder from its last checkpoint",
                              group="output", metavar="RUN")
+    log_every: float = opt(30.0, "when the output is not a terminal, a progress line every "
+                           "this many seconds within an epoch (0: none)", group="output",
+                           metavar="SECONDS")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard extra)",
                             group="output")
     report: bool = opt(True, "write the HTML/Markdown report at the end", group="output")
@@ -262,15 +271,26 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
     if not config.lr > 0:
         raise bad("lr", "must be positive")
     for name in ("weight_decay", "warmup_epochs", "decay", "crop_padding", "cutout",
-                 "lookahead_start", "lookahead_power", "tta_translate"):
+                 "lookahead_start", "lookahead_power", "tta_translate", "log_every"):
         if getattr(config, name) < 0:
             raise bad(name, "must not be negative")
     if not 0 <= config.label_smoothing < 1:
         raise bad("label_smoothing", "must be in [0, 1)")
     if not 0 <= config.dropout < 1:
         raise bad("dropout", "must be in [0, 1)")
-    if not 0 <= config.val_split < 1:
-        raise bad("val_split", "must be in [0, 1)")
+    if config.val_split is not None and not (
+            0 <= config.val_split < 1 or (config.val_split >= 1 and config.val_split.is_integer())):
+        raise bad("val_split", "must be a fraction in [0, 1) or a whole number of images")
+    if config.val_split == 0:
+        # Nothing may be chosen on the test set: with no validation split there is no signal
+        # for these to act on.
+        where = "--val-split 0" if source == "command line" else f"{source}: val_split 0"
+        if config.schedule == "plateau":
+            raise UsageError(f"{where}: no validation split, but --schedule plateau cuts the "
+                             "rate on validation accuracy; hold one out or pick another schedule")
+        if config.early_stop is not None:
+            raise UsageError(f"{where}: no validation split, but --early-stop watches "
+                             "validation accuracy; hold one out or drop --early-stop")
     if not 0 <= config.momentum < 1:
         raise bad("momentum", "must be in [0, 1)")
     if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):

@@ -25,8 +25,14 @@ log = logging.getLogger("vggkit.data")
 
 DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "cifar100-coarse", "mnist", "fashion-mnist", "digits")
 PATH_KINDS: tuple[str, ...] = ("folder", "npz")
-SINGLE_SET_TEST_FRACTION = 0.2  # test share held out of a single-set folder when --val-split is 0
+SINGLE_SET_TEST_FRACTION = 0.2  # test share held out (first) of a folder or npz without a test set
 SINGLE_SET_SEED = 0  # fixed: the test set of a folder must not move with the training seed
+# The validation split held out of the training images when --val-split is not given:
+# 5,000 images for the official 50,000/60,000-image sets (as Keras and airbench users hold
+# out), 10% for the small and user-made ones.
+DEFAULT_VAL_IMAGES = {"cifar10": 5000, "cifar100": 5000, "cifar100-coarse": 5000, "mnist": 5000,
+                      "fashion-mnist": 5000}
+DEFAULT_VAL_FRACTION = 0.1
 MAX_IMAGE_SIZE = 1024
 
 _DESCRIPTIONS = {
@@ -211,15 +217,37 @@ def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_options(image_size: int | None, channels: int | None, subset: int | None, val_split: float) -> None:
+def _check_options(image_size: int | None, channels: int | None, subset: int | None,
+                   val_split: float | None) -> None:
     if image_size is not None and (not _is_int(image_size) or not 1 <= image_size <= MAX_IMAGE_SIZE):
         raise UsageError(f"--image-size {image_size}: expected an integer from 1 to {MAX_IMAGE_SIZE}")
     if channels is not None and (not _is_int(channels) or channels not in (1, 3)):
         raise UsageError(f"--channels {channels}: expected 1 or 3")
     if subset is not None and (not _is_int(subset) or subset < 1):
         raise UsageError(f"--subset {subset}: expected a positive number of training images")
-    if not isinstance(val_split, numbers.Real) or isinstance(val_split, bool) or not 0.0 <= float(val_split) < 1.0:
-        raise UsageError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+    if val_split is not None and not valid_val_split(val_split):
+        raise UsageError(f"--val-split {val_split}: expected a fraction in [0, 1) or a whole "
+                         "number of images")
+
+
+def valid_val_split(value: object) -> bool:
+    """A fraction in [0, 1), or a whole number of images >= 1."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    v = float(value)
+    return 0.0 <= v < 1.0 or (v >= 1.0 and v.is_integer())
+
+
+def val_count(val_split: float | None, kind: str, n_train: int) -> int:
+    """How many of ``n_train`` images the validation split holds: the dataset's default
+    for None, a share for a fraction, else the number itself."""
+    if val_split is None:
+        if kind in DEFAULT_VAL_IMAGES and n_train > 2 * DEFAULT_VAL_IMAGES[kind]:
+            return DEFAULT_VAL_IMAGES[kind]
+        val_split = DEFAULT_VAL_FRACTION
+    if val_split < 1.0:
+        return int(round(n_train * val_split)) if val_split > 0 else 0
+    return int(val_split)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -235,41 +263,47 @@ def load_dataset(
     image_size: int | None = None,
     channels: int | None = None,
     subset: int | None = None,
-    val_split: float = 0.0,
+    val_split: float | None = None,
     seed: int = 0,
     skip_bad_images: bool = False,
     progress: bool = True,
 ) -> Dataset:
     """Load dataset ``name`` and prepare it.
 
-    Order: read (or download); for a single-set folder hold out a fixed test split
-    (``val_split`` of it, 0.2 if 0, seed 0; no val split is taken then); hold out ``val_split``
-    of train (stratified, ``seed``); keep a class-balanced ``subset`` of the remaining train images
-    (``seed``); convert channels; resize; compute mean/std on the final train images.
+    Order: read (or download); a folder or npz without a test set gives up a fixed test
+    split first (20%, stratified, seed 0, whatever the training seed); hold out the
+    validation split of the remaining training images (stratified, ``seed``): ``val_split``
+    as a fraction or a number of images, 0 for none, None for the dataset's default
+    (:func:`val_count`); keep a class-balanced ``subset`` of what is left (``seed``);
+    convert channels; resize; compute mean/std on the final train images. The three
+    parts never share an image.
     """
-    val_split = 0.0 if val_split is None else val_split
     _check_options(image_size, channels, subset, val_split)
     image_size = int(image_size) if image_size is not None else None
     channels = int(channels) if channels is not None else None
     subset = int(subset) if subset is not None else None
-    val_split = float(val_split)
+    val_split = float(val_split) if val_split is not None else None
     kind, arg = _canonical(name)
     root = resolve_data_dir(data_dir)
     full_name, raw = _read(kind, arg, root, download=download, download_url=download_url,
                            image_size=image_size, skip_bad_images=skip_bad_images, progress=progress)
     x_tr, y_tr = raw.x_train, raw.y_train
-    x_val = y_val = None
     if raw.x_test is None or raw.y_test is None:
-        fraction = val_split if val_split > 0 else SINGLE_SET_TEST_FRACTION
-        keep, held = stratified_split(y_tr, fraction, SINGLE_SET_SEED)
+        keep, held = stratified_split(y_tr, SINGLE_SET_TEST_FRACTION, SINGLE_SET_SEED)
         x_te, y_te = x_tr[held], y_tr[held]
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     else:
         x_te, y_te = raw.x_test, raw.y_test
-        if val_split > 0:
-            keep, held = stratified_split(y_tr, val_split, seed)
-            x_val, y_val = x_tr[held], y_tr[held]
-            x_tr, y_tr = x_tr[keep], y_tr[keep]
+    x_val = y_val = None
+    n_val = val_count(val_split, kind, len(y_tr))
+    if n_val >= len(y_tr):
+        shown = "(default)" if val_split is None else f"{val_split:g}"
+        raise UsageError(f"--val-split {shown}: holds out {n_val:,} of the {len(y_tr):,} "
+                         f"training images of {full_name}, leaving none to train on")
+    if n_val > 0:
+        keep, held = stratified_split(y_tr, n_val / len(y_tr), seed)
+        x_val, y_val = x_tr[held], y_tr[held]
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
     if subset is not None:
         if subset > len(y_tr):
             raise UsageError(f"--subset {subset}: {full_name} has only {len(y_tr):,} training images"

@@ -151,8 +151,10 @@ class Loader:
             raise UsageError(f"{n} sample(s) cannot be shared among {ws} ranks without empty batches")
         nb = -(-n // (b * ws))
         last_chunk = n - (nb - 1) * b * ws
-        if last_chunk < ws and nb > 1:
-            nb -= 1  # fold the few leftovers into the previous batch rather than leave ranks empty
+        if last_chunk < 2 * ws and nb > 1:
+            # Fold the few leftovers into the previous batch rather than leave a rank with
+            # an empty batch or a batch of one (BatchNorm cannot train on a single sample).
+            nb -= 1
         return nb, n
 
     def __len__(self) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 from vggkit.errors import UsageError
 from vggkit.evaluation.metrics import classification_metrics
 from vggkit.evaluation.plots import confusion_matrix_png
-from vggkit.evaluation.runs import load_model, load_split, run_folder_of
+from vggkit.evaluation.runs import load_model, load_split
+from vggkit.runfolder import run_folder_of
 
 
 def _slug(dataset: str) -> str:
@@ -64,7 +65,7 @@ def evaluate(
     """
     from vggkit.data import Loader
     from vggkit.training.engine import make_engine
-    from vggkit.training.trainer import collect_logits
+    from vggkit.training.scoring import collect_logits
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")

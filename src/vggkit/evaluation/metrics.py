@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -77,35 +78,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(logits))
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    if len(labels) == 0:
-        return 0.0
-    k = min(k, logits.shape[1])
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return float((top == np.asarray(labels)[:, None]).any(1).mean())
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
-
-
 def classification_metrics(logits: np.ndarray, labels: np.ndarray,
                            classes: list[str]) -> dict[str, Any]:
     """Everything ``vggkit evaluate`` reports, JSON-able. ``top5`` is None with 5 classes or
     fewer (it would always be 1), as in summary.json."""
+    from vggkit.training.scoring import score
+
     logits = np.asarray(logits, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = len(classes)
     predicted = logits.argmax(1)
+    # Top-1, top-5 and loss come from the one implementation training uses.
+    scores = score(torch.from_numpy(logits), torch.from_numpy(labels))
     cm = confusion_matrix(labels, predicted, num_classes)
     per_class = per_class_metrics(cm, classes)
     return {
         "n": int(len(labels)),
-        "top1": float((predicted == labels).mean()) if len(labels) else 0.0,
-        "top5": topk_accuracy(logits, labels, 5) if num_classes > 5 else None,
-        "loss": cross_entropy(logits, labels),
+        "top1": scores["acc"],
+        "top5": scores["top5_acc"],
+        "loss": scores["loss"],
         "classes": list(classes),
         "per_class": per_class,
         "macro": macro_average(per_class),

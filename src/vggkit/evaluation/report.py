@@ -25,7 +25,8 @@ from vggkit import __version__
 from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.evaluation import plots
 from vggkit.evaluation.metrics import classification_metrics, softmax
-from vggkit.evaluation.runs import RUN_WEIGHTS, load_split, read_json, read_predictions
+from vggkit.evaluation.runs import RUN_WEIGHTS, load_split, read_predictions
+from vggkit.runfolder import RunFolder
 
 HTML_NAME = "report.html"
 MD_NAME = "report.md"
@@ -128,21 +129,32 @@ class RunData:
 
     @property
     def val_label(self) -> str:
-        source = (self.summary or {}).get("val_source")
-        if source is None:
-            source = "val" if self.config.get("val_split") else "test"
-        return "validation" if source == "val" else "test"
+        """What the per-epoch evaluation was on: a validation split held out of the
+        training images, or (``--val-split 0``) the test split, watched but never acted on."""
+        if self.rows and self.rows[0].get("monitoring_only"):
+            return "test (monitoring only)"
+        if (self.summary or {}).get("val_source") == "test":  # a run from before val splits
+            return "test"
+        return "validation"
+
+
+def per_epoch_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """metrics.jsonl records with the per-epoch evaluation under val_loss/val_acc, whichever
+    split it was on (see ``RunData.val_label``)."""
+    return [r if "val_acc" in r else
+            {**r, "val_loss": r.get("test_loss"), "val_acc": r.get("test_acc"),
+             "monitoring_only": True} for r in rows]
 
 
 def read_run(path: Path, label: str) -> RunData:
     from vggkit.models import format_summary, summary_dict
     from vggkit.training.checkpoint import model_from_checkpoint
-    from vggkit.training.trainer import read_metrics
 
     if not path.is_dir():
         raise UsageError(f"{path}: not a run folder")
-    summary = read_json(path / "summary.json")
-    rows = read_metrics(path / "metrics.jsonl")
+    folder = RunFolder(path)
+    summary = folder.read_summary()
+    rows = folder.read_metrics()
     config: dict[str, Any] | None = None
     if (path / "config.yaml").is_file():
         try:
@@ -152,7 +164,7 @@ def read_run(path: Path, label: str) -> RunData:
                 "\n", " ")) from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{path / 'config.yaml'}: not a mapping of option: value")
-    run = RunData(path, label, config or {}, summary, rows)
+    run = RunData(path, label, config or {}, summary, per_epoch_rows(rows))
     try:
         model, ckpt = model_from_checkpoint(path, which=RUN_WEIGHTS)
     except VggkitError as exc:
@@ -217,8 +229,8 @@ def results_table(run: RunData) -> Table:
         ["test accuracy (final weights)", pct(s.get("test_acc")) + (" (TTA)" if s.get("tta") else "")],
         ["top-5 accuracy", pct(s.get("top5_acc")) if s.get("top5_acc") is not None else "n/a"],
         ["test loss", f"{s['test_loss']:.4f}" if s.get("test_loss") is not None else "n/a"],
-        [f"best {run.val_label} accuracy", f"{pct(s.get('best_val_acc'))} at epoch "
-                                           f"{s.get('best_epoch', '?')}" if s else "n/a"],
+        ["validation", s.get("val_source") or "n/a"],
+        [f"best {run.val_label} accuracy", best_text(run)],
         ["time of learning", duration(s.get("train_seconds"))],
         ["wall time", duration(s.get("wall_seconds"))],
         ["images/s (training)", f"{s['images_per_second']:,.0f}" if s.get("images_per_second")
@@ -230,6 +242,15 @@ def results_table(run: RunData) -> Table:
         p = s["params"]
         rows.insert(2, ["parameters", f"{p['total']:,} ({p['trainable']:,} trainable)"])
     return Table(["", ""], rows)
+
+
+def best_text(run: RunData) -> str:
+    s = run.summary or {}
+    if not s:
+        return "n/a"
+    if s.get("best_val_acc") is None:
+        return "none selected (no validation split)"
+    return f"{pct(s.get('best_val_acc'))} ({run.val_label}, epoch {s.get('best_epoch', '?')})"
 
 
 def run_blocks(run: RunData, prefix: str, level: int) -> list[Block]:
@@ -317,8 +338,7 @@ def comparison_blocks(runs: list[RunData]) -> list[Block]:
     for run in runs:
         s = run.summary or {}
         cfg = run.config
-        best = (f"{pct(s.get('best_val_acc'))} ({run.val_label}, epoch {s.get('best_epoch', '?')})"
-                if s else "n/a")
+        best = best_text(run)
         rows.append([run.label, str(cfg.get("model", "?")), str(cfg.get("dataset", "?")),
                      str(s.get("epochs_completed", len(run.rows))), augmentation(cfg),
                      pct(s.get("test_acc")), best, duration(s.get("train_seconds")),

@@ -8,7 +8,6 @@ Pass a checkpoint file to use another.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,11 @@ import numpy as np
 import torch
 
 from vggkit.errors import CheckpointError, DataError, UsageError
+from vggkit.runfolder import RunFolder
 from vggkit.training.checkpoint import Checkpoint, model_from_checkpoint
 
 RUN_WEIGHTS = "last"
 SPLITS = ("test", "val", "train")
-
-
-def run_folder_of(path: Path) -> Path | None:
-    """The run folder a run path or checkpoint file belongs to, or None for a lone file."""
-    path = Path(path)
-    if path.is_dir():
-        return path
-    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
-        return path.parent.parent
-    return None
 
 
 def load_model(run_or_checkpoint: str | Path) -> tuple[torch.nn.Module, Checkpoint]:
@@ -39,15 +29,6 @@ def load_model(run_or_checkpoint: str | Path) -> tuple[torch.nn.Module, Checkpoi
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file)")
     return model_from_checkpoint(path, which=RUN_WEIGHTS)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON: {exc}") from exc
 
 
 @dataclass
@@ -78,7 +59,7 @@ def load_split(meta: dict[str, Any], split: str = "test", *, dataset: str | None
         image_size=size,
         channels=channels,
         subset=cfg.get("subset") if own else None,
-        val_split=cfg.get("val_split", 0.0),
+        val_split=cfg.get("val_split", 0.0),  # absent: a run from before validation by default
         seed=cfg.get("seed", 0),
         skip_bad_images=bool(cfg.get("skip_bad_images", False)),
         progress=False,
@@ -92,7 +73,7 @@ def load_split(meta: dict[str, Any], split: str = "test", *, dataset: str | None
             "train": (data.x_train, data.y_train)}[split]
     if x is None or len(x) == 0:
         if split == "val":
-            raise UsageError(f"--split val: the run was trained without --val-split, so {name} "
+            raise UsageError(f"--split val: the run was trained with --val-split 0, so {name} "
                              "has no validation split here; use --split test")
         raise DataError(f"dataset {name} has no {split} split")
     return SplitData(torch.as_tensor(x), torch.as_tensor(y), list(data.classes), name)
@@ -105,12 +86,4 @@ def _preview(names: list[str], n: int = 4) -> str:
 
 def read_predictions(run: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(logits, labels) of the test split from predictions.npz, or None if absent."""
-    path = run / "predictions.npz"
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return np.asarray(data["logits"], dtype=np.float32), np.asarray(data["labels"],
-                                                                             dtype=np.int64)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable predictions file: {exc}") from exc
+    return RunFolder(run).read_predictions()

@@ -83,8 +83,10 @@ class Schedule:
     def lr_at(self, it: int) -> float:
         warm = self.warmup_epochs * self.steps_per_epoch
         if self.kind == "onecycle":
-            # Linear up over the warm-up (default 30% of training, as PyTorch's OneCycleLR),
-            # then linear down to zero: the triangle that airbench and fast CIFAR runs use.
+            # The linear one-cycle: up from 0.1x over the warm-up (default 30% of training,
+            # as PyTorch's OneCycleLR), then linear down to zero: the triangle fast CIFAR
+            # runs use. Unlike OneCycleLR it is piecewise linear (no cosine annealing) and
+            # leaves the momentum alone.
             up = warm if warm > 0 else 0.3 * self.total_steps
             if it < up:
                 return self.base_lr * (0.1 + 0.9 * it / up)

@@ -35,6 +35,7 @@ import yaml
 
 from vggkit.config import FIELDS, TrainConfig, apply_overrides, field_type
 from vggkit.errors import UsageError, VggkitError, did_you_mean
+from vggkit.runfolder import RunFolder
 
 log = logging.getLogger("vggkit.sweep")
 
@@ -119,8 +120,10 @@ def default_sweep_folder(base: TrainConfig, recipe: str | None, keys: list[str])
 
 
 def can_chain(config: TrainConfig) -> bool:
-    """True when training to N epochs and stopping at M < N gives exactly the M-epoch run."""
-    return config.schedule in EPOCH_INDEPENDENT_SCHEDULES and config.early_stop is None
+    """True when training to N epochs and stopping at M < N gives exactly the M-epoch run
+    (lookahead's averaging strength depends on the total steps, so it never chains)."""
+    return (config.schedule in EPOCH_INDEPENDENT_SCHEDULES and config.early_stop is None
+            and not config.lookahead)
 
 
 def plan_sweep(base: TrainConfig, vary: list[tuple[str, list[str]]], folder: Path,
@@ -179,33 +182,45 @@ def _copy_run(src: Path, dst: Path) -> None:
 
 def _continue_run(run: SweepRun, folder: Path, progress: bool) -> dict[str, Any]:
     """Copy the previous run of the chain and resume the copy to this run's epochs."""
-    from vggkit.training.trainer import train
+    from vggkit.workflow import train
 
     src, dst = folder / run.chained_from, Path(run.config.out)
     _copy_run(src, dst)
-    saved = yaml.safe_load((dst / "config.yaml").read_text())
+    saved = RunFolder(dst).read_config()
     expected = run.config.to_dict()
     for key in FIELDS:  # the copy must be this run's config but for epochs and out
         if key not in ("epochs", "out", "resume", "overwrite") and saved.get(key) != expected[key]:
             raise VggkitError(f"sweep: {src} does not continue into {run.name} ({key} differs)")
     saved.update(epochs=run.config.epochs, out=str(dst))
-    (dst / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    RunFolder(dst).write_config(yaml.safe_dump(saved, sort_keys=False))
     return train(TrainConfig(resume=str(dst)), progress=progress)
+
+
+def _same_config(run: SweepRun) -> bool:
+    """The run folder holds a run of exactly this config."""
+    try:
+        saved = RunFolder(run.config.out).read_config()
+    except VggkitError:
+        return False
+    want = run.config.to_dict()
+    return all(saved.get(k) == want[k] for k in FIELDS if k not in ("out", "resume", "overwrite"))
 
 
 def _finished(run: SweepRun) -> dict[str, Any] | None:
     """The summary of a run already complete in the folder with exactly this config."""
-    out = Path(run.config.out)
     try:
-        saved = yaml.safe_load((out / "config.yaml").read_text())
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        summary = RunFolder(run.config.out).read_summary()
+    except VggkitError:
         return None
-    want = run.config.to_dict()
-    same = all(saved.get(k) == want[k] for k in FIELDS if k not in ("out", "resume", "overwrite"))
-    if same and summary.get("epochs_completed") == run.config.epochs:
+    if summary and _same_config(run) and summary.get("epochs_completed") == run.config.epochs:
         return summary
     return None
+
+
+def _interrupted(run: SweepRun) -> bool:
+    """An earlier attempt of exactly this run stopped with a checkpoint: resume it."""
+    folder = RunFolder(run.config.out)
+    return folder.checkpoint("last").is_file() and _same_config(run)
 
 
 def _write_manifest(folder: Path, runs: list[SweepRun], vary: list[tuple[str, list[str]]],
@@ -221,7 +236,8 @@ def run_sweep(base: TrainConfig, vary_items: list[str], *, recipe: str | None = 
               chain: bool = True, progress: bool = True) -> dict[str, Any]:
     """Plan, validate and run the sweep; returns ``{"folder", "runs", "report", "failed"}``.
     ``base.out`` is the sweep folder (default ``runs/sweep-<recipe>-<keys>-<time>``)."""
-    from vggkit.training.trainer import TrainingInterrupted, train
+    from vggkit.training.trainer import TrainingInterrupted
+    from vggkit.workflow import train
 
     vary = parse_vary(vary_items)
     folder = Path(base.out) if base.out else default_sweep_folder(base, recipe,
@@ -254,7 +270,10 @@ def run_sweep(base: TrainConfig, vary_items: list[str], *, recipe: str | None = 
         log.info("[%d/%d] %s%s", i, len(runs), run.name,
                  f" (continues {run.chained_from})" if run.chained_from else "")
         try:
-            if run.chained_from:
+            if _interrupted(run):
+                log.info("%s: resuming the interrupted attempt", run.name)
+                run.summary = train(TrainConfig(resume=run.config.out), progress=progress)
+            elif run.chained_from:
                 run.summary = _continue_run(run, folder, progress)
             else:
                 if Path(run.config.out).exists():

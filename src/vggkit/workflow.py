@@ -1,0 +1,53 @@
+"""What a user's "train" means: train, then write the run's report.
+
+The orchestration layer above training and evaluation (which never import each other's
+way up): the CLI, the Python API (``vggkit.train``) and the sweep call :func:`train` here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from vggkit.config import TrainConfig
+from vggkit.errors import VggkitError
+from vggkit.runfolder import RunFolder
+from vggkit.training import trainer
+
+log = logging.getLogger("vggkit.train")
+
+
+def train(config: TrainConfig, *, progress: bool = True, explicit: set[str] | None = None,
+          command: str | None = None) -> dict[str, Any]:
+    """Train as ``config`` says (``vggkit.training.trainer.train``), then write the report
+    (unless ``config.report`` is off; under torchrun only rank 0 writes). Returns the
+    summary."""
+    summary = trainer.train(config, progress=progress, explicit=explicit, command=command)
+    resolved = summary.get("run")
+    if resolved and os.environ.get("RANK", "0") == "0" and wants_report(Path(resolved)):
+        write_run_report(Path(resolved))
+    return summary
+
+
+def wants_report(run: Path) -> bool:
+    """The run's own resolved config says (a resume's merged flags included)."""
+    try:
+        return bool(RunFolder(run).read_config().get("report", True))
+    except VggkitError:
+        return True
+
+
+def write_run_report(out: Path) -> None:
+    """The run is saved whatever happens here: a report failure is a warning."""
+    from vggkit.evaluation.report import write_report
+
+    try:
+        paths = write_report([out], out)
+        log.info("report: %s", paths[0] if isinstance(paths, (list, tuple)) else paths)
+    except VggkitError as exc:
+        log.warning("report not written: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - a report bug must not fail a finished run
+        log.warning("report not written (a bug; `vggkit report %s --debug` shows it): %r",
+                    out, exc)
