@@ -25,7 +25,7 @@ from vggkit.evaluation import plots
 from vggkit.evaluation.evaluator import write_confusion_csv
 from vggkit.evaluation.metrics import confusion_matrix, most_confused
 from vggkit.evaluation.report import duration, pct
-from vggkit.evaluation.runs import read_json, read_predictions
+from vggkit.evaluation.runs import read_predictions
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,10 @@ def read_experiment(path: Path) -> dict[str, Any]:
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
-    summary = read_json(path)
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
     if not isinstance(summary, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return summary
