@@ -186,6 +186,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from vggkit.evaluation import results
+
+    if args.action == "collect":
+        dest = results.collect(args.run, args.name, experiment=args.experiment, into=args.into,
+                               overwrite=args.overwrite)
+        print(dest)
+        return 0
+    if args.check and not args.readme:
+        raise UsageError("--check compares the table with a README: give --readme FILE")
+    if not args.readme:
+        print(results.build_table(args.dir))
+        return 0
+    current = results.update_readme(args.dir, args.readme, check=args.check)
+    if args.check and not current:
+        print(f"vggkit: error: {args.readme}: the results table is not the one {args.dir} gives; "
+              f"run `vggkit results table {args.dir} --readme {args.readme}`", file=sys.stderr)
+        return 1
+    print(f"{args.readme}: results table {'up to date' if current else 'updated'}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from vggkit.evaluation import format_predictions, predict
 
@@ -317,6 +339,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--out", help="output folder (default: the run folder, or "
                    "runs/compare-<timestamp> for several runs)")
+
+    p = command("results", "the README's results table: collect a run's small artefacts into "
+                "docs/results/, then build the table from them", cmd_results)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        q = actions.add_parser(name, help=help, description=help, parents=[common])
+        q.__class__ = Parser
+        return q
+
+    q = action("collect", "copy a finished run's config, metrics, summary, report, confusion "
+               "matrix and learning curves into DIR/NAME/ (never checkpoints or predictions)")
+    q.add_argument("run", metavar="RUN")
+    q.add_argument("--name", required=True, help="folder name under --into (letters, digits, "
+                   "'.', '_', '-')")
+    q.add_argument("--experiment", metavar="TEXT", help="what the run is, for the table's first "
+                   "column (kept in DIR/NAME/experiment.yaml; default: NAME)")
+    q.add_argument("--into", default="docs/results", metavar="DIR",
+                   help="folder of collected runs (default: docs/results)")
+    q.add_argument("--overwrite", action="store_true", help="replace DIR/NAME/ when it holds "
+                   "another run")
+    q = action("table", "one Markdown table of every collected run in DIR; printed, or written "
+               "into a README between its marker lines")
+    q.add_argument("dir", nargs="?", default="docs/results", metavar="DIR",
+                   help="folder of collected runs (default: docs/results)")
+    q.add_argument("--readme", metavar="FILE", help="replace the table between the "
+                   "results-table:begin and :end marker lines of FILE")
+    q.add_argument("--check", action="store_true", help="with --readme: write nothing; exit 1 "
+                   "if FILE's table differs from the generated one")
 
     p = command("predict", "class probabilities for image files", cmd_predict)
     p.add_argument("checkpoint", metavar="CHECKPOINT|RUN")
