@@ -26,6 +26,7 @@ from vggkit.evaluation.evaluator import write_confusion_csv
 from vggkit.evaluation.metrics import confusion_matrix, most_confused
 from vggkit.evaluation.report import duration, pct
 from vggkit.evaluation.runs import read_predictions
+from vggkit.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ DEFAULT_DIR = "docs/results"
 BEGIN = "<!-- results-table:begin -->"
 END = "<!-- results-table:end -->"
 EXPERIMENT = "experiment.yaml"
-COPIED = ("config.yaml", "metrics.jsonl", "summary.json")
+_RUN = RunFolder(".")
+COPIED = tuple(p.name for p in (_RUN.config_path, _RUN.metrics_path, _RUN.summary_path))
 CM_CSV, CM_PNG, CURVES_PNG, REPORT_MD = ("confusion_matrix.csv", "confusion_matrix.png",
                                          "curves.png", "report.md")
 LOADED = 2.5  # 1-minute load above which a run's times are marked inflated (2-core host)
@@ -54,7 +56,7 @@ def collect(run: str | Path, name: str, *, experiment: str | None = None,
                          "(it becomes a folder name and a link)")
     if not run.is_dir():
         raise UsageError(f"{run}: not a folder (expected a finished run folder)")
-    if not (run / "summary.json").is_file():
+    if not RunFolder(run).summary_path.is_file():
         raise UsageError(f"{run}: not a finished run folder (no summary.json)")
     dest = Path(into) / name
     if dest.exists() and not dest.is_dir():
@@ -77,7 +79,7 @@ def collect(run: str | Path, name: str, *, experiment: str | None = None,
 
 
 def stage_artefacts(run: Path, out: Path) -> None:
-    summary = _read_summary(run / "summary.json")
+    summary = _read_summary(RunFolder(run).summary_path)
     for file in COPIED:
         if not (run / file).is_file():
             raise UsageError(f"{run}: not a finished run folder (no {file})")
@@ -169,20 +171,10 @@ def draw_curves(run: Path, summary: dict[str, Any]) -> bytes:
     (no validation split) has test_* keys instead of val_*."""
     rows = [r if "val_acc" in r else {**r, "val_loss": r.get("test_loss"),
                                       "val_acc": r.get("test_acc")}
-            for r in _read_jsonl(run / "metrics.jsonl")]
+            for r in RunFolder(run).read_metrics() if isinstance(r, dict) and "epoch" in r]
     has_val = (summary.get("val_size") or (summary.get("dataset") or {}).get("val") or 0) > 0
     return plots.curves_png([{"label": run.name, "rows": rows,
                               "val_label": "validation" if has_val else "test"}])
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a crashed run
-            continue
-    return [r for r in rows if isinstance(r, dict) and "epoch" in r]
 
 
 def _refuse_changes(staged: Path, dest: Path) -> None:
@@ -243,7 +235,7 @@ def collected_runs(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder}: not a folder")
-    runs = [p for p in folder.iterdir() if (p / "summary.json").is_file()] \
+    runs = [p for p in folder.iterdir() if RunFolder(p).summary_path.is_file()] \
         if folder.is_dir() else []
     order = {run: read_experiment(run / EXPERIMENT).get("order") for run in runs}
     return sorted(runs, key=lambda r: (order[r] is None, order[r] or 0, r.name))
@@ -263,7 +255,7 @@ def build_table(folder: str | Path, link_base: str | Path = ".") -> str:
 
 
 def table_row(run: Path, link_base: str | Path) -> list[str]:
-    s = _read_summary(run / "summary.json")
+    s = _read_summary(RunFolder(run).summary_path)
     experiment = read_experiment(run / EXPERIMENT).get("experiment") or run.name
     return [str(experiment), _model(s), _dataset(s), _epochs(s, _configured_epochs(run)),
             _test_accuracy(s), _best(s), _or_none(s.get("train_seconds"), duration),
