@@ -11,7 +11,7 @@ from typing import Any
 from vggkit.errors import UsageError
 from vggkit.evaluation.metrics import classification_metrics
 from vggkit.evaluation.plots import confusion_matrix_png
-from vggkit.evaluation.runs import load_model, load_split, run_folder_of
+from vggkit.evaluation.runs import is_torch_weights, load_model, load_split, run_folder_of
 
 
 def _slug(dataset: str) -> str:
@@ -77,12 +77,12 @@ def evaluate(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     path = Path(run_or_checkpoint)
+    if dataset is None and is_torch_weights(path):  # before loading 500 MB of weights
+        raise UsageError(f"--dataset: {path} is torchvision weights, which name no dataset; give "
+                         "--dataset (its classes must be the weights', see --classes FILE)")
     model, ckpt = load_model(path, classes_file)
     run = run_folder_of(path)
     meta = ckpt.meta
-    if meta.get("weights") == "torchvision" and dataset is None:
-        raise UsageError(f"--dataset: {path} is torchvision weights, which name no dataset; give "
-                         "--dataset (its classes must be the weights', see --classes FILE)")
     translate = resolve_translate(tta, tta_translate, meta["config"])
     data = load_split(meta, split, dataset=dataset, data_dir=data_dir)
     engine = make_engine(device, precision, meta["config"].get("channels_last", True), False)

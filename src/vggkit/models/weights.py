@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,18 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def _load_error(exc: Exception) -> str:
+    """torch.load's failure in one line (its weights-only refusal is a page of advice)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        _, _, reason = text.partition("WeightsUnpickler error:")
+        reason = reason.strip()
+        detail = f" ({reason.splitlines()[0].strip()})" if reason else ""
+        return f"not a torch.save file of tensors that loads without running code{detail}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing code: safetensors, or a torch file through
     ``torch.load(weights_only=True)``."""
@@ -43,9 +56,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the pickle-protocol notice: the error says it
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the file's fault
-        raise CheckpointError(f"cannot read weights from {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read weights from {path}: {_load_error(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
