@@ -461,7 +461,8 @@ BadImage = _BadImage
 
 
 def decode_image(blob: bytes, size: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
-    """Decode image bytes (any of ``FORMATS``) as the folder reader does: (H, W) grey or (H, W, 3) RGB uint8
-    (read-only), and whether the image is grey; resized to ``size`` (width, height) with
-    Pillow's bilinear filter when given. Raises ``BadImage`` for anything undecodable."""
+    """Decode image bytes (any of ``FORMATS``) as the folder reader does: (H, W) grey or
+    (H, W, 3) RGB uint8 (read-only), and whether the image is grey; resized to ``size``
+    (width, height) with Pillow's bilinear filter when given. Raises ``BadImage`` for anything
+    undecodable."""
     return _decode(blob, size)
