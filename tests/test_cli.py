@@ -45,6 +45,14 @@ def test_summary_json_and_input_shape(capsys):
     assert info["trainable_params"] == 14_774_436 - 2 * 64 * 9  # first conv takes 1 channel
 
 
+def test_summary_of_the_imagenet_head_at_a_size_the_pools_do_not_divide(capsys):
+    assert main(["summary", "vgg16", "--input", "3x100x100", "--classes", "1000", "--head",
+                 "imagenet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layers"][-1]["output_shape"] == [None, 1000]
+    assert info["trainable_params"] == 138_357_544
+
+
 @pytest.mark.parametrize("shape", ["3x30x30", "3x32", "axb"])
 def test_summary_bad_input_is_a_usage_error(capsys, shape):
     assert main(["summary", "vgg16", "--input", shape]) == 2

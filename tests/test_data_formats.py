@@ -287,10 +287,10 @@ def test_folder_bad_image_errors_or_skips(tmp_path: Path) -> None:
     good = (src / "test" / "eel" / "0001.png").read_bytes()
     (src / "test" / "eel" / "0001.png").write_bytes(good[: len(good) // 2])
     (src / ".DS_Store").write_bytes(b"\0\1")  # hidden files are ignored
-    with pytest.raises(DataError, match=r"notes\.txt: not a PNG/JPEG/BMP image \(2 bad files in all\).*--skip-bad-images"):
+    with pytest.raises(DataError, match=r"notes\.txt: not a JPEG/PNG/PPM/BMP/TIFF/WEBP/GIF image \(2 bad files in all\).*--skip-bad-images"):
         load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
     ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", skip_bad_images=True)
-    assert len(ds.skipped) == 2 and any("notes.txt: not a PNG/JPEG/BMP image" in s for s in ds.skipped)
+    assert len(ds.skipped) == 2 and any("notes.txt: not a JPEG/PNG/PPM/BMP/TIFF/WEBP/GIF image" in s for s in ds.skipped)
     assert any("eel/0001.png: corrupt image" in s for s in ds.skipped)
     assert len(ds.y_train) == 12 and len(ds.y_test) == 5
     # The cache remembers the skipped files: without the flag it is still an error.
@@ -499,3 +499,83 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
     ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
     assert not ds.from_cache and _eq(ds.x_train, arrays["x_train"])
     assert load_dataset(f"folder:{src}", data_dir=tmp_path / "d").from_cache, "the rebuilt entry is used next time"
+
+
+# --- every format torchvision's ImageFolder reads, plus GIF ------------------------------------
+
+def _random(shape: tuple[int, ...], seed: int, dtype=np.uint8, high: int = 256) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
+
+
+def _format_files() -> dict[str, tuple[bytes, np.ndarray]]:
+    """File name -> (bytes Pillow wrote, the (H, W, 3) uint8 pixels the reader must give).
+    Lossy formats are compared with Pillow's own decoding of the same bytes; 16-bit grey with
+    its top 8 bits (Pillow's conversion would clip at 255)."""
+    import io as _io
+
+    from PIL import Image, features
+
+    def save(img: Image.Image, fmt: str, **kw) -> bytes:
+        buf = _io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    def pillow_rgb(blob: bytes) -> np.ndarray:
+        with Image.open(_io.BytesIO(blob)) as img:
+            return np.asarray(img.convert("RGB"))
+
+    rgb = _random((10, 12, 3), 1)
+    grey16 = _random((10, 12), 2, np.uint16, 65536)
+    out: dict[str, tuple[bytes, np.ndarray]] = {}
+    out["a.JPG"] = (blob := save(Image.fromarray(rgb), "JPEG"), pillow_rgb(blob))
+    out["b.jpeg"] = (blob := save(Image.fromarray(rgb).convert("CMYK"), "JPEG"), pillow_rgb(blob))
+    out["c.Png"] = (save(Image.fromarray(rgb), "PNG"), rgb)
+    rgba = np.dstack([rgb, _random((10, 12), 3)])
+    out["d-rgba.png"] = (save(Image.fromarray(rgba, "RGBA"), "PNG"), rgb)  # alpha dropped
+    la = np.dstack([rgb[..., 0], _random((10, 12), 4)])
+    out["e-la.png"] = (save(Image.fromarray(la, "LA"), "PNG"), np.repeat(rgb[..., :1], 3, 2))
+    out["f.ppm"] = (save(Image.fromarray(rgb), "PPM"), rgb)
+    out["g16.PGM"] = (save(Image.fromarray(grey16), "PPM"), np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, 2))
+    palette = Image.fromarray(rgb).quantize(16)
+    out["h-palette.bmp"] = (save(palette, "BMP"), np.asarray(palette.convert("RGB")))
+    out["i-cmyk.tif"] = (blob := save(Image.fromarray(rgb).convert("CMYK"), "TIFF"), pillow_rgb(blob))
+    out["j16.TIFF"] = (save(Image.fromarray(grey16), "TIFF"), np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, 2))
+    frames = [Image.fromarray(rgb).quantize(32), Image.fromarray(255 - rgb).quantize(32)]
+    out["k.gif"] = (save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+                    np.asarray(frames[0].convert("RGB")))  # the first frame
+    if features.check("webp"):
+        out["l.webp"] = (save(Image.fromarray(rgb), "WEBP", lossless=True), rgb)
+    return out
+
+
+@pytest.mark.parametrize("as_zip", [False, True], ids=["dir", "zip"])
+def test_folder_reads_every_imagefolder_format_and_gif(tmp_path: Path, as_zip: bool) -> None:
+    files = _format_files()
+    src = tmp_path / ("f.zip" if as_zip else "f")
+    tree = {f"train/many/{name}": blob for name, (blob, _) in files.items()}
+    png = files["c.Png"][0]
+    tree.update({"train/png/x.png": png, "test/many/x.png": png, "test/png/x.png": png})
+    if as_zip:
+        with zipfile.ZipFile(src, "w") as zf:
+            for rel, blob in tree.items():
+                zf.writestr(rel, blob)
+    else:
+        for rel, blob in tree.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes(blob)
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    assert ds.image_shape == (3, 10, 12) and not ds.skipped
+    assert ds.y_train.tolist() == [0] * len(files) + [1]
+    for i, (name, (_, expected)) in enumerate(sorted(files.items(), key=lambda kv: kv[0])):
+        got = ds.x_train[i].permute(1, 2, 0).numpy()
+        assert np.array_equal(got, expected), name
+
+
+def test_folder_undecodable_gif_is_skipped_and_counted(tmp_path: Path) -> None:
+    src = tmp_path / "ants"
+    T.write_image_folder(src, classes=("ants", "bees"))
+    (src / "train" / "ants" / "imageNotFound.gif").write_bytes(b"GIF89a\x01\x00")  # truncated
+    with pytest.raises(DataError, match=r"imageNotFound\.gif: not a .*GIF image; pass --skip-bad-images"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", skip_bad_images=True)
+    assert len(ds.y_train) == 8 and ds.summary()["skipped_images"] == 1

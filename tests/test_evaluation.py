@@ -237,3 +237,27 @@ def test_evaluate_the_validation_split_of_a_run_that_held_one_out(run, tmp_path)
     assert result["n"] == len(expected) > 0
     assert [r["support"] for r in result["per_class"]] == np.bincount(expected, minlength=10).tolist()
     assert Path(result["paths"]["csv"]).name == "confusion_matrix_val.csv"
+
+
+# ----------------------------------------------------------------------------- TTA as in training
+def test_evaluate_tta_translates_as_the_run_trained_with_it(tmp_path, capsys):
+    from vggkit.cli import main
+
+    out = tmp_path / "tta-run"
+    summary = train(TrainConfig(model="vgg_compact", dataset="digits", image_size=8, epochs=1,
+                                batch_size=50, crop_padding=0, precision="fp32", tta=True,
+                                tta_translate=1, report=False, out=str(out)), progress=False)
+    assert summary["tta_translate"] == 1
+    assert main(["evaluate", str(out), "--tta", "--precision", "fp32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tta_translate"] == 1  # the run's own value
+    saved = json.loads((out / "summary.json").read_text())
+    # The same count of correct images (the summary holds a float32 mean).
+    assert round(result["top1"] * result["n"]) == round(saved["test_acc"] * result["n"])
+    flip_only = evaluate(out, tta=True, tta_translate=0, precision="fp32")
+    assert flip_only["tta_translate"] == 0
+    assert flip_only["top1"] != result["top1"]  # so the default's choice is what matched
+    with pytest.raises(UsageError, match="--tta-translate: only with --tta"):
+        evaluate(out, tta_translate=1)
+    with pytest.raises(UsageError, match="--tta-translate must be a non-negative integer"):
+        evaluate(out, tta=True, tta_translate=-1)

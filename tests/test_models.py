@@ -67,6 +67,22 @@ def test_size_the_poolings_do_not_divide_is_a_clear_error(size):
         create_model("vgg16", input_size=size)
 
 
+@pytest.mark.parametrize("size", [32, 100, 150, 224])
+def test_imagenet_head_takes_any_size_from_32_as_torchvision(size):
+    # The 7x7 adaptive pool makes the classifier's width independent of the input side.
+    model = create_model("vgg16", head="imagenet", input_size=size, num_classes=1000).eval()
+    assert count_parameters(model)["trainable"] == 138_357_544
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 1000)
+    info = summary_dict(model, (3, size, size), name="vgg16")
+    assert info["layers"][-1]["output_shape"] == [None, 1000]
+
+
+def test_imagenet_head_below_the_pools_least_side_is_a_clear_error():
+    with pytest.raises(UsageError, match=r"image size 31: vgg16 has 5 2x2 max-pools.*at least 32"):
+        create_model("vgg16", head="imagenet", input_size=31)
+
+
 def test_wrong_channel_count_at_run_time_is_a_clear_error():
     model = create_model("vgg11", in_channels=1)
     with pytest.raises(UsageError, match=r"takes input of shape \(N, 1, 32, 32\)"):

@@ -161,8 +161,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vggkit.evaluation import evaluate, format_evaluation
 
     result = evaluate(args.run, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-                      tta=args.tta, out_dir=args.out, device=args.device,
-                      precision=args.precision, batch_size=args.batch_size)
+                      tta=args.tta, tta_translate=args.tta_translate, out_dir=args.out,
+                      device=args.device, precision=args.precision, batch_size=args.batch_size,
+                      classes_file=args.classes)
     print_json(result) if args.json else print(format_evaluation(result))
     return 0
 
@@ -211,7 +212,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from vggkit.evaluation import format_predictions, predict
 
-    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device)
+    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device,
+                      classes_file=args.classes)
     print_json(results) if args.json else print(format_predictions(results))
     return 0
 
@@ -219,7 +221,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vggkit.evaluation.export import export_onnx
 
-    result = export_onnx(args.checkpoint, args.onnx, opset=args.opset, overwrite=args.overwrite)
+    result = export_onnx(args.checkpoint, args.onnx, opset=args.opset, overwrite=args.overwrite,
+                         classes_file=args.classes)
     print(f"wrote {result['path']} (opset {result['opset']}, input {result['input_shape']}); "
           f"onnxruntime vs PyTorch max abs difference {result['max_abs_diff']:.2e}")
     return 0
@@ -264,6 +267,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", metavar="NAME", help="start from a named recipe "
                         "(`vggkit recipes`); the config file and flags override it")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def add_classes_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", metavar="FILE",
+                        help="for torchvision VGG weights (.pth/.pt): class names, one a line "
+                        "(default: \"0\"..\"N-1\")")
 
 
 class Parser(argparse.ArgumentParser):
@@ -323,16 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "accuracy, per-class metrics and confusion matrix of a run or "
                 "checkpoint", cmd_evaluate)
-    p.add_argument("run", metavar="RUN|CHECKPOINT")
-    p.add_argument("--dataset", help="evaluate on another dataset (default: the run's)")
+    p.add_argument("run", metavar="RUN|CHECKPOINT|WEIGHTS.pth")
+    p.add_argument("--dataset", help="evaluate on another dataset (default: the run's; needed "
+                   "for torchvision weights)")
     p.add_argument("--data-dir")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped view")
+    p.add_argument("--tta-translate", type=int, metavar="N",
+                   help="with --tta, also average the views shifted by N pixels, as training's "
+                   "final test (default: the run's own value when trained with --tta, else 0)")
     p.add_argument("--out", help="folder for confusion_matrix.csv/.png (default: the run folder)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_classes_flag(p)
 
     p = command("report", "HTML + Markdown report of one run, or a comparison of several",
                 cmd_report)
@@ -370,18 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "if FILE's table differs from the generated one")
 
     p = command("predict", "class probabilities for image files", cmd_predict)
-    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN")
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true")
+    add_classes_flag(p)
 
     p = command("export", "export to ONNX and check it against PyTorch with onnxruntime",
                 cmd_export)
-    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN")
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth")
     p.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
     p.add_argument("--opset", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    add_classes_flag(p)
 
     p = command("summary", "Keras-style layer table with output shapes and parameter counts",
                 cmd_summary)

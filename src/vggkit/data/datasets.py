@@ -42,7 +42,8 @@ _DESCRIPTIONS = {
     "mnist": "MNIST: 60,000/10,000 28x28 grayscale digits",
     "fashion-mnist": "Fashion-MNIST: 60,000/10,000 28x28 grayscale clothing images, 10 classes",
     "digits": "scikit-learn's 8x8 digits: 1,797 images, fixed 80/20 split (offline default)",
-    "folder": "a directory or .zip of train/<class>/ and test/<class>/ images (PNG/JPEG/BMP)",
+    "folder": ("a directory or .zip of train/<class>/ and test/<class>/ images "
+               "(JPEG/PNG/PPM/PGM/BMP/TIFF/WebP, GIF's first frame; any letter case)"),
     "npz": "a Keras-style .npz with x_train, y_train, x_test, y_test",
 }
 _CIFAR_LAYOUTS = {"cifar10": cifar.CIFAR10, "cifar100": cifar.CIFAR100, "cifar100-coarse": cifar.CIFAR100_COARSE}

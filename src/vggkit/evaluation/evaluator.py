@@ -11,7 +11,7 @@ from typing import Any
 from vggkit.errors import UsageError
 from vggkit.evaluation.metrics import classification_metrics
 from vggkit.evaluation.plots import confusion_matrix_png
-from vggkit.evaluation.runs import load_model, load_split
+from vggkit.evaluation.runs import is_torch_weights, load_model, load_split
 from vggkit.runfolder import run_folder_of
 
 
@@ -50,10 +50,12 @@ def evaluate(
     data_dir: str | None = None,
     split: str = "test",
     tta: bool = False,
+    tta_translate: int | None = None,
     out_dir: str | Path | None = None,
     device: str = "auto",
     precision: str = "auto",
     batch_size: int = 512,
+    classes_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5, loss, per-class precision/recall/F1/support, macro averages and the
     confusion matrix of a run's final weights (or a checkpoint file) on a split of its
@@ -62,6 +64,12 @@ def evaluate(
     Writes ``confusion_matrix.csv`` and ``.png`` into ``out_dir`` (default: the run folder;
     for a lone checkpoint file, its folder); splits other than test and other datasets get a
     suffix (see ``output_stem``). Returns a JSON-able dict.
+
+    ``tta`` averages with the mirror image, and with ``tta_translate`` t also the views
+    shifted by t pixels, as training's final test does (default: the run's own
+    ``tta_translate`` when it was trained with --tta, else 0). ``run_or_checkpoint`` may be
+    torchvision-layout VGG weights (.pth/.pt): then ``dataset`` is needed, and
+    ``classes_file`` names the weights' classes.
     """
     from vggkit.data import Loader
     from vggkit.training.engine import make_engine
@@ -70,21 +78,26 @@ def evaluate(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     path = Path(run_or_checkpoint)
-    model, ckpt = load_model(path)
+    if dataset is None and is_torch_weights(path):  # before loading 500 MB of weights
+        raise UsageError(f"--dataset: {path} is torchvision weights, which name no dataset; give "
+                         "--dataset (its classes must be the weights', see --classes FILE)")
+    model, ckpt = load_model(path, classes_file)
     run = run_folder_of(path)
     meta = ckpt.meta
+    translate = resolve_translate(tta, tta_translate, meta["config"])
     data = load_split(meta, split, dataset=dataset, data_dir=data_dir)
     engine = make_engine(device, precision, meta["config"].get("channels_last", True), False)
     model = engine.prepare(model)
     loader = Loader(data.images, data.labels, batch_size, shuffle=False, mean=meta["mean"],
                     std=meta["std"], device=engine.device, channels_last=engine.channels_last)
-    logits, labels = collect_logits(model, loader, engine, tta=tta)
+    logits, labels = collect_logits(model, loader, engine, tta=tta, translate=translate)
     result: dict[str, Any] = {
         "run": str(run) if run else None,
         "checkpoint": str(ckpt.path),
         "dataset": data.dataset,
         "split": split,
         "tta": tta,
+        "tta_translate": translate,
         "device": str(engine.device),
         "precision": engine.precision,
     }
@@ -108,8 +121,27 @@ def evaluate(
     return result
 
 
+def resolve_translate(tta: bool, tta_translate: int | None, config: dict[str, Any]) -> int:
+    """Pixels of the TTA's shifted views: the flag's, else the run's own when it was trained
+    with --tta (so that evaluate reproduces its summary's test accuracy), else 0."""
+    if tta_translate is None:
+        return int(config.get("tta_translate") or 0) if tta and config.get("tta") else 0
+    if isinstance(tta_translate, bool) or not isinstance(tta_translate, int) or tta_translate < 0:
+        raise UsageError(f"--tta-translate must be a non-negative integer, got {tta_translate!r}")
+    if tta_translate and not tta:
+        raise UsageError("--tta-translate: only with --tta (it shifts the TTA's views)")
+    return tta_translate
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _tta_note(result: dict[str, Any]) -> str:
+    if not result.get("tta"):
+        return ""
+    shift = result.get("tta_translate") or 0
+    return f" (TTA: flipped{f' and {shift}-pixel shifted' if shift else ''} views averaged)"
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
@@ -118,7 +150,7 @@ def format_evaluation(result: dict[str, Any]) -> str:
     classes = result["classes"]
     lines = [
         f"{result['dataset']} {result['split']} split: {result['n']:,} images, "
-        f"{result['checkpoint']}{' (TTA: flipped view averaged)' if result.get('tta') else ''}",
+        f"{result['checkpoint']}{_tta_note(result)}",
         f"top-1 accuracy  {_pct(result['top1'])}",
     ]
     if result.get("top5") is not None:

@@ -103,10 +103,13 @@ def check_onnx(path: Path, model: torch.nn.Module, input_shape: list[int], batch
 
 
 def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int | None = None,
-                check: bool = True, batch: int = 8, overwrite: bool = False) -> dict[str, Any]:
+                check: bool = True, batch: int = 8, overwrite: bool = False,
+                classes_file: str | Path | None = None) -> dict[str, Any]:
     """Export a checkpoint (or a run's final weights) to ONNX, fp32, batch dimension dynamic;
     then run a batch of ``batch`` random inputs through onnxruntime and PyTorch and fail if
-    their logits differ by more than 1e-4. A file that fails the check is removed."""
+    their logits differ by more than 1e-4. A file that fails the check is removed.
+    ``checkpoint`` may also be torchvision-layout VGG weights (.pth/.pt); ``classes_file``
+    names their classes in the file's metadata."""
     _require("onnx")
     out_path = Path(out_path)
     if out_path.is_dir():
@@ -119,7 +122,7 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int | No
     if not 7 <= opset <= 23:
         raise UsageError(f"--opset {opset}: choose an ONNX opset between 7 and 23 (default "
                          f"{DEFAULT_OPSET})")
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = load_model(checkpoint, classes_file)
     model = model.float().eval()
     input_shape = [int(v) for v in ckpt.meta["image_shape"]]
     trace_batch = TRACE_BATCH if batch != TRACE_BATCH else TRACE_BATCH + 1

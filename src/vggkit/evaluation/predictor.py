@@ -51,8 +51,11 @@ def prepare_image(path: str | Path, channels: int, size: int, folder_dataset: bo
 
 
 def predict(checkpoint: str | Path, images: list[str | Path], *, topk: int = 5,
-            device: str = "auto", batch_size: int = 64) -> list[dict[str, Any]]:
-    """Top-k classes and probabilities for each image file, in the order given."""
+            device: str = "auto", batch_size: int = 64,
+            classes_file: str | Path | None = None) -> list[dict[str, Any]]:
+    """Top-k classes and probabilities for each image file, in the order given.
+    ``checkpoint`` may also be torchvision-layout VGG weights (.pth/.pt), whose classes
+    ``classes_file`` names."""
     from vggkit.data import Loader
     from vggkit.training.engine import make_engine, predict_logits
 
@@ -60,11 +63,13 @@ def predict(checkpoint: str | Path, images: list[str | Path], *, topk: int = 5,
         raise UsageError(f"--topk must be a positive integer, got {topk!r}")
     if not images:
         raise UsageError("predict: give at least one image file")
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = load_model(checkpoint, classes_file)
     meta = ckpt.meta
     channels, size = meta["image_shape"][0], meta["image_shape"][1]
     # Every file is read (and checked) before the model runs, so a bad one fails fast.
-    folder = str(meta["config"].get("dataset", "")).startswith("folder:")
+    # torchvision's weights expect a photo resized with Pillow, as the folder reader does.
+    folder = (str(meta["config"].get("dataset", "")).startswith("folder:")
+              or meta.get("weights") == "torchvision")
     pixels = np.stack([prepare_image(p, channels, size, folder) for p in images])
     engine = make_engine(device, "fp32", False, False)
     model = engine.prepare(model)

@@ -1,9 +1,8 @@
 """Reading what a run folder or checkpoint holds, and rebuilding its data exactly.
 
 A run folder means its final weights (``checkpoints/last.safetensors``): those are what
-summary.json and predictions.npz report, and choosing "best" by accuracy on the test split
-(when training had no --val-split) would report a test score selected on the test set.
-Pass a checkpoint file to use another.
+summary.json and predictions.npz report (the best checkpoint, chosen on the validation
+split, is ``checkpoints/best.safetensors``: pass that file to use it).
 """
 
 from __future__ import annotations
@@ -21,14 +20,80 @@ from vggkit.training.checkpoint import Checkpoint, model_from_checkpoint
 
 RUN_WEIGHTS = "last"
 SPLITS = ("test", "val", "train")
+# How torchvision's ImageNet VGG weights expect their input.
+TORCH_SUFFIXES = (".pth", ".pt")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_SIZE = 224
+TORCHVISION_DATASET = "imagenet"  # a name only: no such vggkit dataset, so evaluate needs --dataset
 
 
-def load_model(run_or_checkpoint: str | Path) -> tuple[torch.nn.Module, Checkpoint]:
-    """The network (eval mode, CPU, fp32) and its checkpoint."""
+def load_model(run_or_checkpoint: str | Path,
+               classes_file: str | Path | None = None) -> tuple[torch.nn.Module, Checkpoint]:
+    """The network (eval mode, CPU, fp32) and its checkpoint. A torchvision-layout VGG
+    weights file (.pth/.pt) gets a checkpoint made up for it (see ``torchvision_checkpoint``);
+    ``classes_file`` names its classes."""
     path = Path(run_or_checkpoint)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file)")
+    if is_torch_weights(path):
+        return torchvision_checkpoint(path, classes_file)
+    if classes_file is not None:
+        raise UsageError(f"--classes {classes_file}: only for torchvision weights (.pth/.pt); "
+                         f"{path} names its own classes")
     return model_from_checkpoint(path, which=RUN_WEIGHTS)
+
+
+def is_torch_weights(path: Path) -> bool:
+    """A file torch.save wrote (.pth/.pt, or any name with its zip container) rather than a
+    vggkit safetensors checkpoint."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def read_class_names(path: str | Path, count: int) -> list[str]:
+    """``--classes FILE``: one class name a line (blank lines ignored), exactly ``count``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--classes {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--classes {path}: not UTF-8 text (expected one class name a line)") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != count:
+        raise UsageError(f"--classes {path}: {len(names)} names, but the weights have {count} "
+                         "classes (one name a line)")
+    return names
+
+
+def torchvision_checkpoint(path: Path, classes_file: str | Path | None = None
+                           ) -> tuple[torch.nn.Module, Checkpoint]:
+    """A torchvision-layout VGG state dict as a network with the ``imagenet`` head and a
+    checkpoint that says how to use it: ImageNet's normalisation at 224x224, classes named
+    "0".."N-1" (ImageNet's names are not available offline) unless ``classes_file``."""
+    from vggkit.models import load_torchvision_vgg
+
+    model = load_torchvision_vgg(path, IMAGENET_SIZE)
+    n = model.num_classes
+    classes = read_class_names(classes_file, n) if classes_file is not None else [str(i) for i in range(n)]
+    meta = {
+        "weights": "torchvision",
+        "config": {"dataset": TORCHVISION_DATASET, "channels_last": True},
+        "classes": classes,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "image_shape": [model.in_channels, IMAGENET_SIZE, IMAGENET_SIZE],
+        "model": {"name": model.name, "head": "imagenet", "num_classes": n,
+                  "in_channels": model.in_channels, "input_size": IMAGENET_SIZE, "dropout": 0.5},
+    }
+    return model, Checkpoint(model.state_dict(), meta, path=path)
 
 
 @dataclass

@@ -10,7 +10,13 @@ from vggkit.models.registry import (
 )
 from vggkit.models.summary import format_summary, summary_dict
 from vggkit.models.vgg import CONV_CONFIGS, HEADS, VGG, Architecture
-from vggkit.models.weights import LoadReport, load_matching, read_state_dict
+from vggkit.models.weights import (
+    LoadReport,
+    load_matching,
+    load_torchvision_vgg,
+    read_state_dict,
+    torchvision_architecture,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -26,6 +32,8 @@ __all__ = [
     "list_heads",
     "list_models",
     "load_matching",
+    "load_torchvision_vgg",
     "read_state_dict",
     "summary_dict",
+    "torchvision_architecture",
 ]

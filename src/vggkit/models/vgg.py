@@ -281,6 +281,16 @@ def check_input(
                 "(summary)"
             )
         return
+    if HEADS[head][0] is not None:
+        # An adaptive pool before the classifier (torchvision's 7x7 one included) takes any
+        # feature-map side, so only the pools' need of at least one pixel remains.
+        if input_size < factor:
+            raise UsageError(
+                f"image size {input_size}: {label} has {arch.num_pools} 2x2 max-pools, so its "
+                f"input side must be at least {factor}; set --image-size (train) or --input "
+                "(summary)"
+            )
+        return
     if input_size < factor or input_size % factor:
         raise UsageError(
             f"image size {input_size}: {label} has {arch.num_pools} 2x2 max-pools, so its input "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,18 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def _load_error(exc: Exception) -> str:
+    """torch.load's failure in one line (its weights-only refusal is a page of advice)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        _, _, reason = text.partition("WeightsUnpickler error:")
+        reason = reason.strip()
+        detail = f" ({reason.splitlines()[0].strip()})" if reason else ""
+        return f"not a torch.save file of tensors that loads without running code{detail}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing code: safetensors, or a torch file through
     ``torch.load(weights_only=True)``."""
@@ -43,9 +56,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the pickle-protocol notice: the error says it
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the file's fault
-        raise CheckpointError(f"cannot read weights from {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read weights from {path}: {_load_error(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -156,3 +171,62 @@ def remap_stagewise(state: dict[str, torch.Tensor], source_arch, target_arch) ->
             name = renames[prefix] + name[len(prefix):]
         out[name] = value
     return out
+
+
+def torchvision_architecture(state: dict[str, torch.Tensor], source: str) -> tuple[str, int, int]:
+    """(registered model name, input channels, classes) of a state dict in torchvision's VGG
+    layout, told from its convolutions' module indices and widths (VGG-11..19, with or
+    without BatchNorm) and the width of ``classifier.6``."""
+    from vggkit.models.registry import ARCHITECTURES
+    from vggkit.models.vgg import CONV_CONFIGS
+
+    convs = sorted(
+        (int(k.split(".")[1]), v) for k, v in state.items()
+        if k.startswith("features.") and k.endswith(".weight") and k.count(".") == 2
+        and k.split(".")[1].isdigit() and v.dim() == 4
+    )
+    if not convs:
+        shown = ", ".join(list(state)[:4]) or "none"
+        raise CheckpointError(f"{source}: not a VGG state dict in torchvision's layout (no "
+                              f"features.N.weight convolutions; its first keys: {shown})")
+    batch_norm = any(k.startswith("features.") and k.endswith(".running_mean") for k in state)
+    indices = [i for i, _ in convs]
+    widths = [int(w.shape[0]) for _, w in convs]
+    for name in (f"vgg{d}{'_bn' if batch_norm else ''}" for d in (11, 13, 16, 19)):
+        arch = ARCHITECTURES[name]
+        expected = [c for _, _, c, _ in conv_positions(arch.config, arch.batch_norm)]
+        if indices == expected and widths == [w for w in CONV_CONFIGS[arch.config] if w != "M"]:
+            break
+    else:
+        raise CheckpointError(
+            f"{source}: its {len(convs)} convolutions (widths {'-'.join(map(str, widths))}) are "
+            f"not those of VGG-11/13/16/19{' with BatchNorm' if batch_norm else ''} in "
+            "torchvision's layout")
+    head = state.get("classifier.6.weight")
+    if head is None or head.dim() != 2:
+        raise CheckpointError(f"{source}: {name}'s convolutions but not torchvision's classifier "
+                              "(no classifier.6.weight)")
+    return name, int(convs[0][1].shape[1]), int(head.shape[0])
+
+
+def load_torchvision_vgg(path: str | Path, input_size: int = 224) -> nn.Module:
+    """A torchvision-layout VGG weights file (.pth/.pt) as a vggkit network with the
+    ``imagenet`` head, every tensor loaded (eval mode)."""
+    from vggkit.models.registry import create_model
+
+    state = read_state_dict(path)
+    name, in_channels, num_classes = torchvision_architecture(state, str(path))
+    model = create_model(name, num_classes=num_classes, in_channels=in_channels,
+                         input_size=input_size, head="imagenet")
+    own = model.state_dict()
+    report = LoadReport(
+        # Weights saved before PyTorch 0.4.1 have no BatchNorm batch counters.
+        missing=[k for k in own if k not in state and not k.endswith("num_batches_tracked")],
+        unexpected=[k for k in state if k not in own],
+        mismatched=[f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}" for k, v in state.items()
+                    if k in own and v.shape != own[k].shape],
+    )
+    if report.missing or report.unexpected or report.mismatched:
+        raise CheckpointError(f"{path}: not a torchvision-layout {name} state dict ({report})")
+    model.load_state_dict(state, strict=False)
+    return model.eval()

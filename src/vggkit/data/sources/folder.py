@@ -3,9 +3,15 @@
 Also accepted: one set of class folders (the caller holds a test split out of it), ``val``/
 ``valid``/``validation`` in place of ``test``, and any number of single enclosing folders above
 the layout (``cifar10/train/...``). Hidden files and folders, ``__MACOSX``, ``Thumbs.db`` and
-``desktop.ini`` are ignored; every other file inside a class folder (at any depth) must be a PNG,
-JPEG or BMP image that Pillow decodes, else it is an error naming the file, or, with
-``skip_bad_images``, skipped and counted. Pillow's decompression-bomb limit stays on.
+``desktop.ini`` are ignored; every other file inside a class folder (at any depth) must be an
+image that Pillow decodes in one of the formats of torchvision's ImageFolder (JPEG, PNG, PPM/PGM,
+BMP, TIFF, WebP) or GIF (its first frame), whatever its extension's letter case, else it is an
+error naming the file, or, with ``skip_bad_images``, skipped and counted. Pillow's
+decompression-bomb limit stays on.
+
+Modes: grayscale ones (1, L, LA, 16-bit) become one channel, every other (palette, RGBA, CMYK,
+YCbCr, ...) RGB through Pillow's conversion; alpha is dropped, not composited; 16-bit samples are
+scaled to 8 bits (v >> 8), where Pillow's own conversion would clip them at 255.
 
 Decoding is the slow part, so the decoded uint8 arrays are cached (``.npy`` + ``meta.json``,
 written to a temporary folder and renamed into place) under a key made from the source's identity
@@ -39,10 +45,14 @@ from vggkit.errors import DataError
 
 log = logging.getLogger("vggkit.data")
 
-FORMATS = ("PNG", "JPEG", "BMP")
+# Pillow's names (PPM covers .pgm/.pbm too); the files' contents, not their extensions, decide.
+FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
+# Formats whose 32-bit integer mode ("I") holds at most 16-bit samples (Pillow opens 16-bit PGM
+# as "I", scaled to 0..65535).
+SIXTEEN_BIT_I = ("PNG", "PPM")
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 TEST_NAMES = ("test", "val", "valid", "validation")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: more formats and modes decode (a cached skip list may be stale)
 
 
 def _ignored(rel: str) -> bool:
@@ -215,17 +225,23 @@ class _BadImage(Exception):
     pass
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and integer/float grayscale as 8-bit L; other modes unchanged."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format in SIXTEEN_BIT_I):
+        return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    return img
+
+
 def _decode(blob: bytes, size: tuple[int, int] | None) -> tuple[np.ndarray, bool]:
     """Bytes -> (H, W) or (H, W, 3) uint8 and whether the image is grayscale."""
     try:
         with Image.open(io.BytesIO(blob), formats=FORMATS) as img:
             if size is not None and img.format == "JPEG":
                 img.draft(img.mode, size)  # let libjpeg downscale big photos by 1/2..1/8 for free
-            gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-            if img.mode.startswith("I;16"):
-                img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
-            elif img.mode in ("I", "F"):
-                img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+            img = _to_8bit(img)
+            gray = img.mode in ("1", "L", "LA", "La")
             want = "L" if gray else "RGB"
             if img.mode != want:
                 img = img.convert(want)
@@ -445,7 +461,8 @@ BadImage = _BadImage
 
 
 def decode_image(blob: bytes, size: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
-    """Decode PNG/JPEG/BMP bytes as the folder reader does: (H, W) grey or (H, W, 3) RGB uint8
-    (read-only), and whether the image is grey; resized to ``size`` (width, height) with
-    Pillow's bilinear filter when given. Raises ``BadImage`` for anything undecodable."""
+    """Decode image bytes (any of ``FORMATS``) as the folder reader does: (H, W) grey or
+    (H, W, 3) RGB uint8 (read-only), and whether the image is grey; resized to ``size``
+    (width, height) with Pillow's bilinear filter when given. Raises ``BadImage`` for anything
+    undecodable."""
     return _decode(blob, size)
