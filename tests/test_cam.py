@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from vggkit.evaluation import plots
 from vggkit.evaluation.cam import cam_paths, grad_cam, normalise, overlay
 from vggkit.evaluation.report import write_report
 from vggkit.evaluation.runs import load_model
+from test_report import chromium, rendered_body  # noqa: F401  (a fixture: chromium or a skip)
 
 MISLABELLED = 4  # test images labelled with the wrong corner: the model's only mistakes
 
@@ -169,3 +169,13 @@ def test_report_without_the_dataset_says_so_in_the_grad_cam_section(corners, tmp
     assert "corners.npz" in section and "<img " not in section
     assert ">Confusion matrix" in page
     assert "No Grad-CAM overlays: the test images are not available here" in md_path.read_text()
+
+
+def test_report_with_overlays_renders_in_a_headless_browser(corners, chromium,  # noqa: F811
+                                                           tmp_path):
+    """As the report's own browser test: every image, the overlays included, decodes."""
+    page = corners[0] / "report.html"
+    assert page.read_text().count('alt="Grad-CAM overlays of ') == 1
+    body = rendered_body(chromium, tmp_path, page)
+    assert body.get("data-images") == str(page.read_text().count("<img ")) == "4", body
+    assert body.get("data-broken-images") == "0", body

@@ -132,7 +132,8 @@ def write_cams(checkpoint: str | Path, images: Sequence[str | Path], out_dir: st
     folder = str(meta["config"].get("dataset", "")).startswith("folder:")
     pixels = np.stack([prepare_image(p, channels, size, folder) for p in images])
     inputs = normalise(torch.from_numpy(pixels), meta["mean"], meta["std"])
-    cams, shown = grad_cam_batched(model, inputs, None if target is None else [target] * len(pixels))
+    wanted = None if target is None else [target] * len(pixels)
+    cams, shown = grad_cam_batched(model, inputs, wanted)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = cam_paths(images, out_dir)
