@@ -80,17 +80,19 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
-    """uint8 (C, H, W) image and its (H, W) heat map -> uint8 RGB (S, S', 3), blended and
-    enlarged by a whole factor (nearest neighbour: small images stay crisp)."""
+    """uint8 (C, H, W) image and its (H, W) heat map -> uint8 RGB, blended and enlarged by a
+    whole factor to at least ``min_side``: the image by nearest neighbour (small images stay
+    crisp), the heat map bilinearly (it is smooth)."""
     from matplotlib import colormaps
 
     factor = max(1, -(-min_side // min(image.shape[1:])))
     rgb = np.repeat(image[:1], 3, 0) if image.shape[0] == 1 else image[:3]
-    rgb = rgb.transpose(1, 2, 0).astype(np.float32)
-    heat = colormaps[COLORMAP](np.clip(cam, 0.0, 1.0))[..., :3] * 255.0
+    rgb = rgb.transpose(1, 2, 0).astype(np.float32).repeat(factor, 0).repeat(factor, 1)
+    big_cam = nn.functional.interpolate(torch.as_tensor(cam, dtype=torch.float32)[None, None],
+                                        scale_factor=factor, mode="bilinear")[0, 0].numpy()
+    heat = colormaps[COLORMAP](np.clip(big_cam, 0.0, 1.0))[..., :3] * 255.0
     blended = (1 - ALPHA) * rgb + ALPHA * heat
-    big = blended.repeat(factor, 0).repeat(factor, 1)
-    return np.clip(big + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

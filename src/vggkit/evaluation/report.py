@@ -250,7 +250,8 @@ def cam_overlays(run: RunData, model, logits: np.ndarray, labels: np.ndarray,
     probs = softmax(logits[chosen])[np.arange(len(chosen)), predicted]
     classes = run.meta["classes"]
     pictures = [overlay(images[i], cam, plots.CAM_SIDE) for i, cam in zip(chosen, cams)]
-    captions = [f"{classes[labels[i]]} → {classes[p]} ({q:.0%})"
+    short = plots._short
+    captions = [f"{short(classes[labels[i]], 18)} →\n{short(classes[p], 13)} ({q:.0%})"
                 for i, p, q in zip(chosen, predicted, probs)]
     rows, start = [], 0
     for group in groups:
