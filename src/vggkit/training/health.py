@@ -180,8 +180,9 @@ def fresh(findings: Sequence[Finding], seen: set[str]) -> list[Finding]:
 
 # ----------------------------------------------------------------------------- probes
 def grad_norm(model: nn.Module, scale: float = 1.0) -> float:
-    """Total L2 norm of the parameters' .grad (after backward, before the next zero_grad);
-    ``scale``: an fp16 GradScaler's scale, to undo it. One device sync."""
+    """Total L2 norm of the parameters' .grad (after backward, before the next zero_grad).
+    ``scale``: a GradScaler's scale, for gradients read before ``scaler.step`` (which
+    unscales them in place: after a TrainStep leave it at 1). One device sync."""
     norms = [torch.linalg.vector_norm(p.grad.detach().float())
              for p in model.parameters() if p.grad is not None]
     if not norms:
