@@ -24,7 +24,8 @@ from vggkit.workflow import train
 
 TINY = dict(model="vgg_compact", dataset="digits", image_size=8, subset=200, batch_size=50,
             crop_padding=0, flip=False, precision="fp32")
-SECTIONS = ("Results", "Learning curves", "Confusion matrix", "Per-class metrics",
+SECTIONS = ("Results", "Learning curves", "Confusion matrix",
+            "Grad-CAM of misclassified test images", "Per-class metrics",
             "Misclassified test images", "Model summary", "Configuration",
             "Machine and versions")
 
@@ -81,14 +82,16 @@ def test_training_writes_a_self_contained_report_and_its_markdown_twin(runs):
     embedded = data_uri_images(page)
     assert [png_size(b) for b in embedded[:2]] == [plots.curves_pixels(),
                                                    plots.confusion_matrix_pixels(10)]
-    assert len(embedded) == page.count("<img ") == 3  # curves, confusion matrix, mistakes
+    # curves, confusion matrix, Grad-CAM of mistakes, mistakes
+    assert len(embedded) == page.count("<img ") == 4
 
     md_path = run / "report.md"
     md = md_path.read_text()
     for section in SECTIONS:
         assert f"## {section}" in md, section
     files = markdown_images(md_path)
-    assert [f.name for f in files] == ["curves.png", "confusion_matrix.png", "misclassified.png"]
+    assert [f.name for f in files] == ["curves.png", "confusion_matrix.png", "gradcam.png",
+                                       "misclassified.png"]
     # the same pictures, byte for byte, in both files
     assert [f.read_bytes() for f in files] == embedded
 
@@ -180,6 +183,7 @@ def test_report_without_the_test_images_skips_only_the_grid(runs, tmp_path, monk
     html_path, _ = write_report(runs[:1], tmp_path / "nogrid")
     page = html_path.read_text()
     assert "test images are not available here (digits: not here)" in page
+    assert "No Grad-CAM overlays: the test images are not available here" in page
     assert ">Confusion matrix" in page and page.count("<img ") == 2
 
 
@@ -219,6 +223,7 @@ def rendered_body(chromium: str, tmp_path: Path, page: Path) -> dict[str, str]:
 def test_report_renders_in_a_headless_browser(runs, comparison, chromium, tmp_path, which):
     page = runs[0] / "report.html" if which == "single" else comparison[0]
     images = page.read_text().count("<img ")
+    assert page.read_text().count('alt="Grad-CAM overlays of ') == (1 if which == "single" else 2)
     body = rendered_body(chromium, tmp_path, page)
     assert body.get("data-images") == str(images), body
     assert body.get("data-broken-images") == "0", body

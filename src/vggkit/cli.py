@@ -212,9 +212,21 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from vggkit.evaluation import format_predictions, predict
 
+    if args.cam_class is not None and args.cam is None:
+        raise UsageError("--cam-class: give --cam OUTDIR too (the folder for the heat maps)")
     results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device,
                       classes_file=args.classes)
+    if args.cam is not None:
+        from vggkit.evaluation.cam import write_cams
+
+        cams = write_cams(args.checkpoint, args.images, args.cam, class_name=args.cam_class,
+                          classes_file=args.classes)
+        for result, cam in zip(results, cams):
+            result["cam"] = {"path": cam["cam"], "class": cam["class"]}
     print_json(results) if args.json else print(format_predictions(results))
+    if args.cam is not None and not args.json:
+        for result in results:
+            print(f"Grad-CAM of {result['cam']['class']}: {result['cam']['path']}")
     return 0
 
 
@@ -388,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--cam", metavar="OUTDIR", help="also write OUTDIR/<image>-cam.png: the "
+                   "image with its Grad-CAM heat map of the top class overlaid")
+    p.add_argument("--cam-class", metavar="NAME", help="with --cam: the heat map of this "
+                   "class instead of the top one")
     p.add_argument("--json", action="store_true")
     add_classes_flag(p)
 

@@ -245,3 +245,41 @@ def write_image_folder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog", 
             (root / rel).write_bytes(blob)
     arrays["files"] = sorted(files)
     return arrays
+
+
+# --- a dataset whose class is where a bright square is -------------------------------------------
+
+CORNER_CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]
+
+
+def corner_images(labels: np.ndarray, *, size: int = 32, square: int = 8,
+                  seed: int = 0) -> np.ndarray:
+    """uint8 (N, size, size, 3) dim noise with a bright square in corner ``labels[i]``
+    (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right): a task a network can only
+    solve by looking at the right place, for tests of Grad-CAM."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 100, (len(labels), size, size, 3), dtype=np.uint8)
+    for image, label in zip(images, labels):
+        top = 1 if label < 2 else size - square - 1
+        left = 1 if label % 2 == 0 else size - square - 1
+        image[top:top + square, left:left + square] = rng.integers(200, 256, 3, dtype=np.uint8)
+    return images
+
+
+def write_corners_npz(path: Path, *, n_train: int = 400, n_test: int = 40, size: int = 32,
+                      mislabelled: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    """An npz of :func:`corner_images` with 4 classes (balanced, labels cycling). The first
+    ``mislabelled`` test images are labelled with the next corner than the one they show, so
+    that a model that learned the task gets exactly those wrong. Also returns ``corner_test``,
+    the corner each test image shows."""
+    y_train = (np.arange(n_train) % 4).astype(np.int64)
+    corner_test = (np.arange(n_test) % 4).astype(np.int64)
+    y_test = corner_test.copy()
+    y_test[:mislabelled] = (y_test[:mislabelled] + 1) % 4
+    arrays = {"x_train": corner_images(y_train, size=size, seed=seed),
+              "y_train": y_train,
+              "x_test": corner_images(corner_test, size=size, seed=seed + 1),
+              "y_test": y_test,
+              "classes": np.array(CORNER_CLASSES)}
+    np.savez(path, **arrays)
+    return {**arrays, "corner_test": corner_test}

@@ -202,3 +202,51 @@ def misclassified_png(images: np.ndarray, true_names: list[str], predicted_names
         fig.text(x, y, f"true: {_short(true)}\npred: {_short(pred)} ({prob:.0%})", ha="center",
                  va="center", fontsize=8, color="#a40000")
     return _png(fig)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM grid
+CAM_SIDE = 128  # pixels a side of each overlay
+CAM_COLUMNS = 4
+CAM_CELL_INCHES = (1.5, 1.7)
+CAM_LABEL_INCHES = 1.4  # the column of true-class names
+
+
+def cam_grid_inches(rows: int, columns: int = CAM_COLUMNS) -> tuple[float, float]:
+    columns = max(1, min(columns, CAM_COLUMNS))
+    return CAM_LABEL_INCHES + columns * CAM_CELL_INCHES[0], max(1, rows) * CAM_CELL_INCHES[1]
+
+
+def cam_grid_pixels(rows: int, columns: int = CAM_COLUMNS) -> tuple[int, int]:
+    w, h = cam_grid_inches(rows, columns)
+    return round(w * DPI), round(h * DPI)
+
+
+def cam_grid_png(rows: list[tuple[str, list[np.ndarray], list[str]]]) -> bytes:
+    """Grad-CAM overlays a row per true class: ``rows`` of (true class name, RGB uint8
+    overlays (H, W, 3), captions), at most 4 a row, each resampled to 128 px and captioned
+    above. One mosaic with text, as :func:`misclassified_png`."""
+    columns = max((len(r[1]) for r in rows), default=1)
+    fig = _figure(*cam_grid_inches(len(rows), columns))
+    fig.set_layout_engine("none")
+    cell_w, cell_h = round(CAM_CELL_INCHES[0] * DPI), round(CAM_CELL_INCHES[1] * DPI)
+    label_w = round(CAM_LABEL_INCHES * DPI)
+    total_w, total_h = cam_grid_pixels(len(rows), columns)
+    mosaic = np.full((total_h, total_w, 3), 255, dtype=np.uint8)
+    top_pad = cell_h - CAM_SIDE - 6  # room for the caption above each overlay
+    for r, (_name, pictures, _captions) in enumerate(rows):
+        for c, rgb in enumerate(pictures[:CAM_COLUMNS]):
+            top, left = r * cell_h + top_pad, label_w + c * cell_w + (cell_w - CAM_SIDE) // 2
+            mosaic[top:top + CAM_SIDE, left:left + CAM_SIDE] = _cell_pixels(
+                np.transpose(rgb, (2, 0, 1)), CAM_SIDE)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+    ax.axis("off")
+    for r, (name, _pictures, captions) in enumerate(rows):
+        y_mid = 1 - (r * cell_h + top_pad + CAM_SIDE / 2) / total_h
+        fig.text(6 / total_w, y_mid, f"true:\n{_short(name, 16)}", ha="left", va="center",
+                 fontsize=9, weight="bold")
+        for c, caption in enumerate(captions[:CAM_COLUMNS]):
+            x = (label_w + (c + 0.5) * cell_w) / total_w
+            y = 1 - (r * cell_h + top_pad / 2) / total_h
+            fig.text(x, y, caption, ha="center", va="center", fontsize=7, color="#a40000")
+    return _png(fig)

@@ -1,0 +1,183 @@
+"""Training health checks: crafted histories give the one finding each describes (and a
+healthy history none); a plain VGG-11 that Adam at --lr 0.1 leaves at chance is reported as
+such, the same net at 1e-3 is not; the probes measure what they say and leave no hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vggkit.data.testing import corner_images
+from vggkit.models import create_model
+from vggkit.training.health import (Finding, check_epoch, dead_relu_probe, fresh, grad_norm,
+                                    has_batchnorm, nonfinite_advice)
+
+FACTS = dict(model_name="vgg16", has_batchnorm=False, optimizer="sgd", lr=0.1, num_classes=10)
+
+
+def rows(*pairs: tuple[float, float], lr: float = 0.1) -> list[dict]:
+    """metrics.jsonl records from (train_loss, train_acc) pairs."""
+    return [{"epoch": i + 1, "train_loss": loss, "train_acc": acc, "val_loss": loss,
+             "val_acc": acc, "lr": lr} for i, (loss, acc) in enumerate(pairs)]
+
+
+def codes(findings: list[Finding]) -> list[str]:
+    return [f.code for f in findings]
+
+
+HEALTHY = rows((2.0, 0.30), (1.5, 0.48), (1.2, 0.58), (1.0, 0.66), (0.9, 0.70))
+
+
+def test_a_healthy_history_has_no_finding():
+    assert check_epoch(HEALTHY, **FACTS, grad_norms=[3.0, 2.5, 2.0, 1.8, 1.7]) == []
+    # a loss that has fit the data may stay flat, with tiny gradients
+    fitted = rows((0.5, 0.9), (0.004, 1.0), (0.004, 1.0), (0.004, 1.0), (0.005, 1.0))
+    assert check_epoch(fitted, **FACTS, grad_norms=[1.0, 1e-9]) == []
+    assert check_epoch([], **FACTS) == []
+
+
+def test_chance_accuracy_after_the_first_epoch_names_the_model_and_the_fix():
+    stuck = rows((2.303, 0.101), (2.303, 0.099))
+    assert check_epoch(stuck[:1], **FACTS) == []  # the first epoch is not judged
+    (finding,) = check_epoch(stuck, **FACTS)
+    assert finding.code == "chance" and finding.epoch == 2
+    assert "9.9% is chance for 10 classes (10.0%)" in finding.message
+    assert ("vgg16 has no BatchNorm; at --lr 0.1 it often stays at chance: try --lr 0.01 "
+            "--warmup-epochs 2, or vgg16_bn") in finding.message
+    assert str(finding).startswith("health (epoch 2): train accuracy")
+    # 2 points away is no longer chance
+    assert check_epoch(rows((2.3, 0.10), (2.2, 0.121)), **FACTS) == []
+
+    adam = check_epoch(stuck, **{**FACTS, "optimizer": "adam", "lr": 0.01})
+    assert "stuck with --optimizer adam --lr 0.01: try --lr 1e-3, or vgg16_bn" in adam[0].message
+    bn = check_epoch(stuck, **{**FACTS, "model_name": "vgg16_bn", "has_batchnorm": True})
+    assert "labels match the images" in bn[0].message and "BatchNorm;" not in bn[0].message
+    low = check_epoch(stuck, **{**FACTS, "lr": 1e-5})
+    assert "--lr 1e-05 may be too low" in low[0].message
+
+
+def test_a_loss_that_stops_decreasing_is_reported_once_it_lasts():
+    flat = rows((2.0, 0.3), (1.5, 0.5), (1.5, 0.5), (1.6, 0.49), (1.6, 0.5))
+    assert codes(check_epoch(flat[:4], **FACTS)) == []  # 2 epochs flat: not yet
+    (finding,) = check_epoch(flat, **FACTS)
+    assert finding.code == "plateau" and "(1.5000 -> 1.6000)" in finding.message
+    assert codes(check_epoch(flat[:4] + rows((1.4, 0.55)), **FACTS)) == []
+
+
+def test_a_non_finite_loss_has_advice():
+    diverged = rows((2.0, 0.3), (float("nan"), 0.1))
+    found = check_epoch(diverged, **FACTS)
+    assert codes(found)[0] == "nonfinite" and "train_loss and val_loss is nan" in found[0].message
+    text = nonfinite_advice(**{k: v for k, v in FACTS.items() if k != "num_classes"},
+                            precision="fp16")
+    assert text == ("vgg16 diverged with --optimizer sgd --lr 0.1; try --lr 0.01, "
+                    "--warmup-epochs 2, vgg16_bn or --precision bf16 or fp32")
+
+
+@pytest.mark.parametrize("norms, code", [
+    ([2.0, 5e3], "grad-explode"),  # above 1e3
+    ([0.5, 80.0], "grad-explode"),  # 160x the first
+    ([0.5, float("inf")], "grad-explode"),
+    ([0.5, 40.0], None),  # 80x: not yet
+    ([0.5, 1e-8], "grad-vanish"),  # while the loss is still high
+])
+def test_gradient_norms(norms, code):
+    found = check_epoch(HEALTHY[:2], **FACTS, grad_norms=norms)
+    assert codes(found) == ([code] if code else [])
+    if code == "grad-explode" and math.isfinite(norms[-1]) and norms[-1] < 1e3:
+        assert "160x the first (0.5)" in found[0].message
+
+
+def test_dead_relu_layers_and_fresh_reports_each_kind_once():
+    found = check_epoch(HEALTHY[:2], **FACTS, dead_relu_layers=[f"features.{i}" for i in
+                                                                  (1, 3, 6, 8, 11)])
+    assert codes(found) == ["dead-relu"]
+    assert "5 ReLU layer(s) of vgg16 output only zeros on a batch (features.1, features.3, " \
+           "features.6, features.8, ...)" in found[0].message
+    seen: set[str] = set()
+    assert fresh(found, seen) == found and fresh(found, seen) == []
+    assert seen == {"dead-relu"}
+
+
+def test_grad_norm_is_the_total_l2_norm_of_the_gradients():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1, bias=False))
+    assert grad_norm(model) == 0.0  # no backward yet
+    for p, value in zip(model.parameters(), (1.0, 2.0, 2.0)):
+        p.grad = torch.full_like(p, value)
+    expected = math.sqrt(6 * 1 + 2 * 4 + 2 * 4)
+    assert grad_norm(model) == pytest.approx(expected)
+    assert grad_norm(model, scale=4.0) == pytest.approx(expected / 4)
+
+
+def test_dead_relu_probe_sees_a_dead_layer_on_the_first_batch_and_removes_its_hooks():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(inplace=True))
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.fill_(-1.0)  # the second ReLU only ever sees negatives
+    with dead_relu_probe(model) as probe:
+        model(torch.randn(8, 4))
+        with torch.no_grad():
+            model[2].bias.fill_(1.0)  # a later batch does not count
+        model(torch.randn(8, 4))
+    assert probe.dead == ["3"]
+    assert all(not m._forward_hooks for m in model.modules())
+    assert has_batchnorm(create_model("vgg11_bn", num_classes=4, input_size=32))
+    assert not has_batchnorm(create_model("vgg11", num_classes=4, input_size=32))
+
+
+# ----------------------------------------------------------------------------- a real run
+def tiny_run(optimizer_lr: float, epochs: int = 2, steps: int = 6, batch: int = 32):
+    """A plain VGG-11 (no BatchNorm) trained with Adam on 32x32 corner images (the class
+    is the corner of a bright square), as the trainer's loop would, with the checks
+    called after each epoch. Returns the history and every finding."""
+    torch.manual_seed(1)
+    labels = torch.arange(epochs * steps * batch) % 4  # balanced batches
+    images = torch.from_numpy(corner_images(labels.numpy(), seed=1).transpose(0, 3, 1, 2).copy())
+    inputs = (images.float() / 255 - 0.3) / 0.3
+    model = create_model("vgg11", num_classes=4, in_channels=3, input_size=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=optimizer_lr)
+    history, norms, findings = [], [], []
+    for epoch in range(epochs):
+        loss_sum = correct = 0.0
+        for step in range(steps):
+            at = slice((epoch * steps + step) * batch, (epoch * steps + step + 1) * batch)
+            optimizer.zero_grad()
+            with dead_relu_probe(model) as probe:
+                logits = model(inputs[at])
+            loss = nn.functional.cross_entropy(logits, labels[at])
+            loss.backward()
+            norm = grad_norm(model)
+            optimizer.step()
+            loss_sum += loss.item() * batch
+            correct += (logits.argmax(1) == labels[at]).sum().item()
+        norms.append(norm)
+        n = steps * batch
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n,
+                        "val_loss": loss_sum / n, "val_acc": correct / n, "lr": optimizer_lr})
+        findings += check_epoch(history, model_name="vgg11", has_batchnorm=False,
+                                optimizer="adam", lr=optimizer_lr, num_classes=4,
+                                grad_norms=norms, dead_relu_layers=probe.dead)
+    return history, findings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and quicker for a net this small
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_plain_vgg11_stuck_at_chance_is_reported_and_a_learning_one_is_not():
+    history, findings = tiny_run(0.1)
+    assert abs(history[-1]["train_acc"] - 0.25) <= 0.02, history  # precondition: stuck
+    chance = [f for f in findings if f.code == "chance"]
+    assert chance, findings
+    assert "stuck with --optimizer adam --lr 0.1: try --lr 1e-3, or vgg11_bn" in chance[0].message
+
+    history, findings = tiny_run(1e-3)
+    assert history[-1]["train_acc"] > 0.6, history  # precondition: it learns
+    assert findings == []
