@@ -181,3 +181,20 @@ def test_a_plain_vgg11_stuck_at_chance_is_reported_and_a_learning_one_is_not():
     history, findings = tiny_run(1e-3)
     assert history[-1]["train_acc"] > 0.6, history  # precondition: it learns
     assert findings == []
+
+
+def test_a_stalled_run_reports_its_finding_in_the_summary(tmp_path):
+    """Through the training loop: plain vgg11 under Adam at lr 0.1 does not learn, and the
+    finding, with its advice, reaches summary.json; a healthy run has none."""
+    from vggkit.config import TrainConfig
+    from vggkit.workflow import train
+
+    base = dict(model="vgg11", dataset="digits", image_size=32, subset=200, epochs=2,
+                batch_size=50, precision="fp32", report=False, threads=1)
+    stuck = train(TrainConfig(**base, optimizer="adam", lr=0.1, out=str(tmp_path / "stuck")),
+                  progress=False)
+    assert stuck["health"] and all(line.startswith("health (epoch ") for line in stuck["health"])
+    assert "try --lr 1e-3" in stuck["health"][0]  # the advice for this optimizer and rate
+    healthy = train(TrainConfig(**{**base, "model": "vgg_compact", "image_size": 8},
+                                out=str(tmp_path / "ok")), progress=False)
+    assert healthy["health"] == []

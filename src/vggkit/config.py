@@ -142,6 +142,9 @@ class TrainConfig:
                           group="output")
     resume: str | None = opt(None, "continue the run in this folder from its last checkpoint",
                              group="output", metavar="RUN")
+    health: bool = opt(True, "one-line training health checks after each epoch (accuracy at "
+                       "chance, a stalled loss, exploding or vanishing gradients, dead ReLU "
+                       "layers), with what to try; never fatal", group="output")
     log_every: float = opt(30.0, "when the output is not a terminal, a progress line every "
                            "this many seconds within an epoch (0: none)", group="output",
                            metavar="SECONDS")

@@ -319,6 +319,8 @@ def results_table(run: RunData) -> Table:
         ["device, precision", f"{engine.get('device', '?')}, {s.get('precision', '?')}"],
         ["augmentation", augmentation(cfg)],
     ]
+    if s.get("health") is not None:  # the training health checks' findings, one a line
+        rows.append(["training health", "; ".join(s["health"]) or "no findings"])
     if s.get("params"):
         p = s["params"]
         rows.insert(2, ["parameters", f"{p['total']:,} ({p['trainable']:,} trainable)"])

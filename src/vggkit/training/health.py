@@ -217,3 +217,45 @@ def dead_relu_probe(model: nn.Module) -> Iterator[ReluProbe]:
         for handle in handles:
             handle.remove()
     probe.dead.extend(name for name, any_alive in alive.items() if not bool(any_alive))
+
+
+# ----------------------------------------------------------------------------- the loop's monitor
+class HealthMonitor:
+    """What the training loop keeps for the checks: the facts of the run, a dead-ReLU probe
+    on each epoch's first batch, the gradient norm after its last, and the findings so far
+    (each kind reported once)."""
+
+    def __init__(self, model: nn.Module, *, model_name: str, optimizer: str, lr: float,
+                 num_classes: int, probe_relus: bool = True) -> None:
+        self.model = model
+        self.facts = dict(model_name=model_name, has_batchnorm=has_batchnorm(model),
+                          optimizer=optimizer, lr=lr)
+        self.num_classes = num_classes
+        self.probe_relus = probe_relus  # off under torch.compile: hooks force recompiles
+        self.grad_norms: list[float] = []
+        self.dead: list[str] = []
+        self.seen: set[str] = set()
+        self.findings: list[Finding] = []
+
+    @contextlib.contextmanager
+    def watch_step(self, first_of_epoch: bool) -> Iterator[None]:
+        if not (first_of_epoch and self.probe_relus):
+            yield
+            return
+        with dead_relu_probe(self.model) as probe:
+            yield
+        self.dead = list(probe.dead)
+
+    def after_last_step(self) -> None:
+        self.grad_norms.append(grad_norm(self.model))
+
+    def end_epoch(self, history: Sequence[dict[str, Any]]) -> list[Finding]:
+        """The new findings after this epoch's metrics line."""
+        found = fresh(check_epoch(history, **self.facts, num_classes=self.num_classes,
+                                  grad_norms=self.grad_norms, dead_relu_layers=self.dead),
+                      self.seen)
+        self.findings.extend(found)
+        return found
+
+    def nonfinite_advice(self, precision: str) -> str:
+        return nonfinite_advice(**self.facts, precision=precision)

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from vggkit.training.checkpoint import (
     save_checkpoint,
 )
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine
+from vggkit.training.health import HealthMonitor
 from vggkit.training.optim import Lookahead, Schedule, build_optimizer, set_lr
 from vggkit.training.progress import Progress
 from vggkit.training.scoring import collect_logits, score
@@ -353,6 +355,10 @@ class Trainer:
         self.arch = get_architecture(config.model)
         self.model, self.params = build_model(config, self.data, self.engine, self.dist,
                                               fresh=checkpoint is None)
+        self.health = HealthMonitor(self.model, model_name=config.model,
+                                    optimizer=config.optimizer, lr=config.lr,
+                                    num_classes=self.data.num_classes,
+                                    probe_relus=not config.compile) if config.health else None
         self.optimizer = build_optimizer(self.model, config, self.lr)
         steps = len(self.data.train)
         self.schedule = Schedule.from_config(config, self.lr, steps)
@@ -481,7 +487,10 @@ class Trainer:
                                                  start=first):
             it = epoch * steps + batch
             set_lr(self.optimizer, self.schedule.lr_at(it))
-            loss, correct = self.step(images, labels)
+            with self.health.watch_step(batch == first) if self.health else nullcontext():
+                loss, correct = self.step(images, labels)
+            if self.health and batch == steps - 1:
+                self.health.after_last_step()
             if self.lookahead is not None:
                 self.lookahead.after_step(it + 1, epoch)
             totals.loss_sum += loss.double() * len(labels)
@@ -505,9 +514,10 @@ class Trainer:
         if math.isfinite(loss):
             return
         where = f"epoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
-        raise NonFiniteLoss(
-            f"loss became {loss} at {where}: lower --lr (now {self.lr:g}) or use --precision "
-            f"fp32; the last good checkpoint is {self.run.checkpoint('last')}")
+        advice = (self.health.nonfinite_advice(self.engine.precision) if self.health else
+                  f"lower --lr (now {self.lr:g}) or use --precision fp32")
+        raise NonFiniteLoss(f"loss became {loss} at {where}: {advice}; the last good "
+                            f"checkpoint is {self.run.checkpoint('last')}")
 
     def _interrupt(self, signum: int, epoch: int, batch: int, totals: EpochTotals) -> None:
         self.write_checkpoint("last", epoch, batch + 1, totals.saved())
@@ -565,6 +575,9 @@ class Trainer:
         if not self.main:
             return
         self.run.append_metrics(record)
+        if self.health is not None:
+            for finding in self.health.end_epoch(self.run.read_metrics()):
+                log.warning("%s", finding)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "epoch":
@@ -633,6 +646,7 @@ class Trainer:
             "model": self.meta["model"],
             "dataset": self.meta["dataset"],
             "skipped_images": len(getattr(self.data.dataset, "skipped", []) or []),
+            "health": [str(f) for f in self.health.findings] if self.health else None,
             "engine": {**self.engine.describe(), "world_size": self.dist.world_size},
             "weights_digest": digests[0],
             "rank_weights_digests": digests,
