@@ -195,6 +195,8 @@ def test_a_stalled_run_reports_its_finding_in_the_summary(tmp_path):
                   progress=False)
     assert stuck["health"] and all(line.startswith("health (epoch ") for line in stuck["health"])
     assert "try --lr 1e-3" in stuck["health"][0]  # the advice for this optimizer and rate
-    healthy = train(TrainConfig(**{**base, "model": "vgg_compact", "image_size": 8},
+    healthy = train(TrainConfig(**{**base, "model": "vgg_compact", "image_size": 8,
+                                   "subset": None, "epochs": 3, "batch_size": 64},
                                 out=str(tmp_path / "ok")), progress=False)
+    assert healthy["test_acc"] > 0.5
     assert healthy["health"] == []
