@@ -8,8 +8,11 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 import tempfile
+import textwrap
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,7 +25,7 @@ from hypothesis import strategies as st
 from vggkit.data import load_dataset
 from vggkit.data import testing as T
 from vggkit.data.archive import extract_tar
-from vggkit.data.safepickle import restricted_loads
+from vggkit.data.safepickle import MAX_DEPTH, restricted_loads
 from vggkit.data.sources.cifar import CIFAR10, load_cifar, parse_batch, parse_meta
 from vggkit.data.sources.idx import read_idx_bytes
 from vggkit.data.sources.npz import load_npz
@@ -107,10 +110,81 @@ def test_shared_subobjects_are_materialised_once() -> None:
     assert isinstance(out, list) and out[0] is out[1]
 
 
-def test_nested_dict_keys_are_refused() -> None:
-    blob = b"\x80\x02}(K\x01\x85K\x02u."  # {(1,): 2}
-    with pytest.raises(pickle.UnpicklingError, match="dict keys"):
+@pytest.mark.parametrize("blob", [
+    b"\x80\x02(K\x01\x85K\x02d.",  # DICT
+    b"\x80\x02}K\x01\x85K\x02s.",  # SETITEM
+    b"\x80\x02}(K\x01\x85K\x02u.",  # SETITEMS
+], ids=["DICT", "SETITEM", "SETITEMS"])
+def test_tuple_dict_keys_are_refused_on_every_dict_opcode(blob: bytes) -> None:
+    with pytest.raises(pickle.UnpicklingError, match="dict keys must be strings or integers"):
+        restricted_loads(blob)  # {(1,): 2}
+
+
+@pytest.mark.parametrize("blob,what", [
+    (b"\x80\x04\x8f(K\x01\x85\x90.", "a set"),  # EMPTY_SET, ADDITEMS
+    (b"\x80\x04(K\x01\x85\x91.", "a frozenset"),  # FROZENSET
+])
+def test_sets_are_refused(blob: bytes, what: str) -> None:
+    with pytest.raises(pickle.UnpicklingError, match=f"{what} is not allowed"):
         restricted_loads(blob)
+
+
+# Pickles nesting containers n deep, one per opcode that builds or fills a container.
+_NESTERS = {
+    "TUPLE1": lambda n: b")" + b"\x85" * (n - 1),
+    "TUPLE2": lambda n: b")" + b"N\x86" * (n - 1),
+    "TUPLE3": lambda n: b")" + b"NN\x87" * (n - 1),
+    "TUPLE": lambda n: b"(" * (n - 1) + b")" + b"t" * (n - 1),
+    "LIST": lambda n: b"(" * (n - 1) + b"]" + b"l" * (n - 1),
+    "DICT": lambda n: b"(K\x01" * (n - 1) + b"}" + b"d" * (n - 1),
+    "APPEND": lambda n: b"]" * n + b"a" * (n - 1),
+    "APPENDS": lambda n: b"](" * (n - 1) + b"]" + b"e" * (n - 1),
+    "SETITEM": lambda n: b"}K\x01" * (n - 1) + b"}" + b"s" * (n - 1),
+    "SETITEMS": lambda n: b"}(K\x01" * (n - 1) + b"}" + b"u" * (n - 1),
+}
+
+
+@pytest.mark.parametrize("opcode", list(_NESTERS))
+def test_nesting_depth_is_bounded_while_building(opcode: str) -> None:
+    """MAX_DEPTH levels load; one more is refused by the opcode that builds it (the check after
+    loading would let it through, and it must never see a deep structure at all)."""
+    nest = _NESTERS[opcode]
+    out = restricted_loads(b"\x80\x02" + nest(MAX_DEPTH) + b".")
+    for _ in range(MAX_DEPTH - 1):
+        (out,) = out.values() if isinstance(out, dict) else out[:1]
+    assert not out
+    with pytest.raises(pickle.UnpicklingError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        restricted_loads(b"\x80\x02" + nest(MAX_DEPTH + 1) + b".")
+
+
+@pytest.mark.parametrize("blob", [
+    b"\x80\x02]q\x00h\x00a.",  # l.append(l)
+    b"\x80\x02]q\x00]q\x01h\x00h\x01ah\x01h\x00a.",  # a.append(b); b.append(a)
+    b"\x80\x02}q\x00]q\x01h\x00K\x01h\x01sh\x01K\x02a.",  # d[1] = l; l.append(2)
+])
+def test_filling_a_nested_container_is_refused(blob: bytes) -> None:
+    with pytest.raises(pickle.UnpicklingError, match="filled after being nested"):
+        restricted_loads(blob)
+
+
+def test_deep_tuple_as_dict_key_is_a_data_error_not_a_crash(tmp_path: Path) -> None:
+    """The issue's payload: a 3-million-deep tuple as a DICT key. Hashing it segfaulted CPython;
+    run in a child so that a regression shows as its exit code, not as a dead test run."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"()" + b"\x85" * 3_000_000 + b"Nd.")
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from vggkit.data.sources.cifar import parse_batch
+        from vggkit.errors import DataError
+        try:
+            parse_batch(Path({str(path)!r}).read_bytes(), "data_batch_1")
+        except DataError as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.startswith("data_batch_1: not a readable CIFAR batch file")
+    assert f"nested deeper than {MAX_DEPTH} levels" in proc.stdout
 
 
 # --- archives ---------------------------------------------------------------------------------
