@@ -7,15 +7,15 @@ the layout (``cifar10/train/...``). Hidden files and folders, ``__MACOSX``, ``Th
 JPEG or BMP image that Pillow decodes, else it is an error naming the file, or, with
 ``skip_bad_images``, skipped and counted. Pillow's decompression-bomb limit stays on.
 
-Zip members are inflated in memory, so each one is bounded before and while it is read: at
-most ``MAX_MEMBER_BYTES`` uncompressed, at most ``MAX_MEMBER_RATIO``:1 compressed when above
-``RATIO_CHECK_ABOVE``, stored or deflate only, and read in chunks that stop at the limit
-whatever the header claims. A member over a limit is a bad image naming the zip and member.
-
 Decoding is the slow part, so the decoded uint8 arrays are cached (``.npy`` + ``meta.json``,
 written to a temporary folder and renamed into place) under a key made from the source's identity
 (path, size and mtime of a zip; the relative paths, sizes and mtimes of a directory's files) and
 the target image size. A second load of the same source reads the arrays back in about a second.
+
+Zip members are inflated in memory, so each one is bounded before and while it is read: at
+most ``MAX_MEMBER_BYTES`` uncompressed, at most ``MAX_MEMBER_RATIO``:1 compressed when above
+``RATIO_CHECK_ABOVE``, stored or deflate only, and read in chunks that stop at the limit
+whatever the header claims. A member over a limit is a bad image naming the zip and member.
 """
 
 from __future__ import annotations
@@ -48,13 +48,6 @@ FORMATS = ("PNG", "JPEG", "BMP")
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 TEST_NAMES = ("test", "val", "valid", "validation")
 CACHE_VERSION = 1
-
-# Zip members: a deflate bomb would otherwise take gigabytes before Pillow's pixel limit is checked.
-MAX_MEMBER_BYTES = 64 << 20  # uncompressed, per image; a 24-megapixel JPEG is about 10 MiB
-MAX_MEMBER_RATIO = 100  # uncompressed:compressed; deflate tops out near 1032:1
-RATIO_CHECK_ABOVE = 1 << 20  # smaller members may compress any amount (a blank BMP does 100:1)
-_READ_CHUNK = 1 << 20
-_BOUNDED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # zipfile inflates bzip2/lzma unbounded
 
 
 def _ignored(rel: str) -> bool:
@@ -110,6 +103,14 @@ def _scan_dir(root: Path) -> tuple[_Source, str]:
             listing.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
     digest = hashlib.sha256("\n".join(listing).encode("utf-8", "surrogateescape")).hexdigest()
     return _Source(root, files, dirs, False), f"dir:{root}:{digest}"
+
+
+# Zip members: a deflate bomb would otherwise take gigabytes before Pillow's pixel limit is checked.
+MAX_MEMBER_BYTES = 64 << 20  # uncompressed, per image; a 24-megapixel JPEG is about 10 MiB
+MAX_MEMBER_RATIO = 100  # uncompressed:compressed; deflate tops out near 1032:1
+RATIO_CHECK_ABOVE = 1 << 20  # smaller members may compress any amount (a blank BMP does 100:1)
+_READ_CHUNK = 1 << 20
+_BOUNDED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # zipfile inflates bzip2/lzma unbounded
 
 
 class ZipMemberRefused(ValueError):
