@@ -158,6 +158,13 @@ def test_nesting_depth_is_bounded_while_building(opcode: str) -> None:
         restricted_loads(b"\x80\x02" + nest(MAX_DEPTH + 1) + b".")
 
 
+def test_marks_nest_no_deeper_than_containers() -> None:
+    """Each open MARK holds a list: three million of them would take about 200 MB."""
+    restricted_loads(b"(" * (MAX_DEPTH - 1) + b")" + b"t" * (MAX_DEPTH - 1) + b".")
+    with pytest.raises(pickle.UnpicklingError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        restricted_loads(b"(" * 3_000_000 + b".")
+
+
 @pytest.mark.parametrize("blob", [
     b"\x80\x02]q\x00h\x00a.",  # l.append(l)
     b"\x80\x02]q\x00]q\x01h\x00h\x01ah\x01h\x00a.",  # a.append(b); b.append(a)

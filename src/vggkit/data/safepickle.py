@@ -165,6 +165,11 @@ def _tuple_of(count: int):  # type: ignore[no-untyped-def]
     return load
 
 
+def _too_deep() -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(
+        f"containers nested deeper than {MAX_DEPTH} levels are not allowed in a dataset file")
+
+
 def _check_keys(keys: Sequence[Any]) -> None:
     # Hashing a nested tuple recurses in C without a depth check: a deep one crashes CPython.
     if not all(isinstance(k, _KEY_TYPES) for k in keys):
@@ -215,12 +220,15 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
                 if type(child) in _MUTABLE:
                     self._nested.add(id(child))
         if deepest >= MAX_DEPTH:
-            raise pickle.UnpicklingError(
-                f"containers nested deeper than {MAX_DEPTH} levels are not allowed in a dataset file")
+            raise _too_deep()
         return deepest + 1
 
     def _push_new(self, container: Any, depth: int) -> None:
-        self._depths[id(container)] = depth
+        # Only depths above 1 are kept (the default), so flat containers cost no entry.
+        if depth > 1:
+            self._depths[id(container)] = depth
+        else:
+            self._depths.pop(id(container), None)  # left by a freed container at this address
         self._nested.discard(id(container))
         self.append(container)
 
@@ -232,7 +240,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
                 raise pickle.UnpicklingError(
                     "a list or dict filled after being nested in another container (cyclic data) "
                     "is not allowed in a dataset file")
-            self._depths[id(target)] = max(self._depths.get(id(target), 1), depth)
+            depth = max(self._depths.get(id(target), 1), depth)
+            if depth > 1:
+                self._depths[id(target)] = depth
 
     def _pop_top(self, count: int) -> list[Any]:
         if len(self.stack) < count:
@@ -240,6 +250,12 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         items = self.stack[-count:]
         del self.stack[-count:]
         return items
+
+    def load_mark(self) -> None:
+        # Every MARK opens a container (and costs a list until it closes), so it nests no deeper.
+        if len(self.metastack) >= MAX_DEPTH:
+            raise _too_deep()
+        pickle._Unpickler.load_mark(self)  # type: ignore[attr-defined]
 
     def load_empty_list(self) -> None:
         self._push_new([], 1)
@@ -316,7 +332,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             raise pickle.UnpicklingError("pickle data was truncated")
         self.append(bytearray(data))
 
-    for _op, _load in ((pickle.EMPTY_LIST, load_empty_list), (pickle.EMPTY_DICT, load_empty_dictionary),
+    for _op, _load in ((pickle.MARK, load_mark), (pickle.EMPTY_LIST, load_empty_list), (pickle.EMPTY_DICT, load_empty_dictionary),
                        (pickle.LIST, load_list), (pickle.TUPLE, load_tuple), (pickle.DICT, load_dict),
                        (pickle.TUPLE1, _tuple_of(1)), (pickle.TUPLE2, _tuple_of(2)),
                        (pickle.TUPLE3, _tuple_of(3)), (pickle.APPEND, load_append),
