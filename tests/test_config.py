@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vggkit.cli import build_parser, main
-from vggkit.config import FIELDS, TrainConfig, apply_overrides, resolve_config
+from vggkit.config import FIELDS, TrainConfig, apply_overrides, check_tta_translate, resolve_config
 from vggkit.errors import UsageError
 
 
@@ -103,3 +103,34 @@ def test_any_value_for_any_key_is_accepted_or_a_usage_error(key, value):
         assert "test.yaml" in str(exc) or key.replace("_", "-") in str(exc) or key in str(exc)
     else:
         assert isinstance(config, TrainConfig)
+
+
+@pytest.mark.parametrize("tta,translate,ok", [(True, 7, True), (True, 8, False), (True, 50, False), (False, 50, True)])
+def test_tta_translate_must_be_smaller_than_the_image_side(tta, translate, ok):
+    """Checked up front (the shifted views reflect-pad by that much), not at the final test."""
+    flags = {"image_size": 8, "tta": tta, "tta_translate": translate}
+    if ok:
+        assert resolve_config(flags=flags).tta_translate == translate
+        return
+    with pytest.raises(UsageError, match=rf"^--tta-translate {translate}: must be smaller than the image side 8 "):
+        resolve_config(flags=flags)
+    with pytest.raises(UsageError, match=rf"^test\.yaml: tta_translate {translate}: must be smaller"):
+        apply_overrides(TrainConfig(), flags, source="test.yaml")
+
+
+def test_tta_translate_against_the_dataset_side():
+    """Without --image-size the side is the dataset's: the trainer checks once it is known."""
+    config = resolve_config(flags={"tta": True, "tta_translate": 32})
+    check_tta_translate(config, 33)
+    with pytest.raises(UsageError, match="^--tta-translate 32: must be smaller than the image side 32 "):
+        check_tta_translate(config, 32)
+    check_tta_translate(config.replace(tta=False), 8)
+
+
+def test_tta_translate_too_big_exits_2_before_training(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "vgg_compact", "--epochs", "1", "--subset", "20", "--no-report",
+                 "--out", str(run), "--image-size", "8", "--tta", "--tta-translate", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tta-translate 8: must be smaller than the image side 8" in err
+    assert not run.exists()

@@ -7,9 +7,13 @@ import gzip
 import io
 import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
 import tarfile
 import tempfile
+import textwrap
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,7 +26,7 @@ from hypothesis import strategies as st
 from vggkit.data import load_dataset
 from vggkit.data import testing as T
 from vggkit.data.archive import extract_tar
-from vggkit.data.safepickle import restricted_loads
+from vggkit.data.safepickle import MAX_DEPTH, restricted_loads
 from vggkit.data.sources.cifar import CIFAR10, load_cifar, parse_batch, parse_meta
 from vggkit.data.sources.idx import read_idx_bytes
 from vggkit.data.sources.npz import load_npz
@@ -107,10 +111,88 @@ def test_shared_subobjects_are_materialised_once() -> None:
     assert isinstance(out, list) and out[0] is out[1]
 
 
-def test_nested_dict_keys_are_refused() -> None:
-    blob = b"\x80\x02}(K\x01\x85K\x02u."  # {(1,): 2}
-    with pytest.raises(pickle.UnpicklingError, match="dict keys"):
+@pytest.mark.parametrize("blob", [
+    b"\x80\x02(K\x01\x85K\x02d.",  # DICT
+    b"\x80\x02}K\x01\x85K\x02s.",  # SETITEM
+    b"\x80\x02}(K\x01\x85K\x02u.",  # SETITEMS
+], ids=["DICT", "SETITEM", "SETITEMS"])
+def test_tuple_dict_keys_are_refused_on_every_dict_opcode(blob: bytes) -> None:
+    with pytest.raises(pickle.UnpicklingError, match="dict keys must be strings or integers"):
+        restricted_loads(blob)  # {(1,): 2}
+
+
+@pytest.mark.parametrize("blob,what", [
+    (b"\x80\x04\x8f(K\x01\x85\x90.", "a set"),  # EMPTY_SET, ADDITEMS
+    (b"\x80\x04(K\x01\x85\x91.", "a frozenset"),  # FROZENSET
+])
+def test_sets_are_refused(blob: bytes, what: str) -> None:
+    with pytest.raises(pickle.UnpicklingError, match=f"{what} is not allowed"):
         restricted_loads(blob)
+
+
+# Pickles nesting containers n deep, one per opcode that builds or fills a container.
+_NESTERS = {
+    "TUPLE1": lambda n: b")" + b"\x85" * (n - 1),
+    "TUPLE2": lambda n: b")" + b"N\x86" * (n - 1),
+    "TUPLE3": lambda n: b")" + b"NN\x87" * (n - 1),
+    "TUPLE": lambda n: b"(" * (n - 1) + b")" + b"t" * (n - 1),
+    "LIST": lambda n: b"(" * (n - 1) + b"]" + b"l" * (n - 1),
+    "DICT": lambda n: b"(K\x01" * (n - 1) + b"}" + b"d" * (n - 1),
+    "APPEND": lambda n: b"]" * n + b"a" * (n - 1),
+    "APPENDS": lambda n: b"](" * (n - 1) + b"]" + b"e" * (n - 1),
+    "SETITEM": lambda n: b"}K\x01" * (n - 1) + b"}" + b"s" * (n - 1),
+    "SETITEMS": lambda n: b"}(K\x01" * (n - 1) + b"}" + b"u" * (n - 1),
+}
+
+
+@pytest.mark.parametrize("opcode", list(_NESTERS))
+def test_nesting_depth_is_bounded_while_building(opcode: str) -> None:
+    """MAX_DEPTH levels load; one more is refused by the opcode that builds it (the check after
+    loading would let it through, and it must never see a deep structure at all)."""
+    nest = _NESTERS[opcode]
+    out = restricted_loads(b"\x80\x02" + nest(MAX_DEPTH) + b".")
+    for _ in range(MAX_DEPTH - 1):
+        (out,) = out.values() if isinstance(out, dict) else out[:1]
+    assert not out
+    with pytest.raises(pickle.UnpicklingError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        restricted_loads(b"\x80\x02" + nest(MAX_DEPTH + 1) + b".")
+
+
+def test_marks_nest_no_deeper_than_containers() -> None:
+    """Each open MARK holds a list: three million of them would take about 200 MB."""
+    restricted_loads(b"(" * (MAX_DEPTH - 1) + b")" + b"t" * (MAX_DEPTH - 1) + b".")
+    with pytest.raises(pickle.UnpicklingError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        restricted_loads(b"(" * 3_000_000 + b".")
+
+
+@pytest.mark.parametrize("blob", [
+    b"\x80\x02]q\x00h\x00a.",  # l.append(l)
+    b"\x80\x02]q\x00]q\x01h\x00h\x01ah\x01h\x00a.",  # a.append(b); b.append(a)
+    b"\x80\x02}q\x00]q\x01h\x00K\x01h\x01sh\x01K\x02a.",  # d[1] = l; l.append(2)
+])
+def test_filling_a_nested_container_is_refused(blob: bytes) -> None:
+    with pytest.raises(pickle.UnpicklingError, match="filled after being nested"):
+        restricted_loads(blob)
+
+
+def test_deep_tuple_as_dict_key_is_a_data_error_not_a_crash(tmp_path: Path) -> None:
+    """The issue's payload: a 3-million-deep tuple as a DICT key. Hashing it segfaulted CPython;
+    run in a child so that a regression shows as its exit code, not as a dead test run."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"()" + b"\x85" * 3_000_000 + b"Nd.")
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from vggkit.data.sources.cifar import parse_batch
+        from vggkit.errors import DataError
+        try:
+            parse_batch(Path({str(path)!r}).read_bytes(), "data_batch_1")
+        except DataError as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.startswith("data_batch_1: not a readable CIFAR batch file")
+    assert f"nested deeper than {MAX_DEPTH} levels" in proc.stdout
 
 
 # --- archives ---------------------------------------------------------------------------------
@@ -170,6 +252,116 @@ def test_zip_symlink_member_is_refused(tmp_path: Path) -> None:
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(DataError, match=r"refusing archive member 'train/cat/link\.png': a symbolic link"):
         load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+
+
+def _zip_with_member(path: Path, name: str, size: int, method: int = zipfile.ZIP_DEFLATED) -> None:
+    """A zipped image folder plus member ``name`` of ``size`` zero bytes, streamed in (never
+    held in memory)."""
+    T.write_image_folder(path, as_zip=True)
+    info = zipfile.ZipInfo(name)
+    info.compress_type = method
+    with zipfile.ZipFile(path, "a") as zf, zf.open(info, "w") as out:
+        for _ in range(size >> 20):
+            out.write(bytes(1 << 20))
+
+
+def _claim_size(path: Path, name: str, size: int) -> None:
+    """Make the local and central headers of member ``name`` claim ``size`` bytes uncompressed."""
+    blob = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        struct.pack_into("<I", blob, zf.getinfo(name).header_offset + 22, size)
+    pos = blob.find(b"PK\x01\x02")
+    while pos >= 0:
+        (name_len,) = struct.unpack_from("<H", blob, pos + 28)
+        if blob[pos + 46:pos + 46 + name_len] == name.encode():
+            struct.pack_into("<I", blob, pos + 24, size)
+        pos = blob.find(b"PK\x01\x02", pos + 1)
+    path.write_bytes(bytes(blob))
+
+
+_BOMB = "train/cat/zz-bomb.png"
+
+
+@pytest.mark.parametrize("header,reason", [
+    ("honest", r"refusing to inflate 200 MiB, over the 64 MiB limit for one image\)"),
+    ("lying", r"Bad CRC-32"),  # claims 1000 bytes: inflating stops there, and the CRC is wrong
+])
+def test_zip_bomb_is_refused_with_bounded_memory(tmp_path: Path, header: str, reason: str) -> None:
+    """A 200 MiB deflate bomb (about 200 KB zipped) among a folder dataset's images: a DataError
+    naming the zip and member, and the loading process grows by a few MiB, not 200."""
+    src = tmp_path / "bomb.zip"
+    _zip_with_member(src, _BOMB, 200 << 20)
+    assert src.stat().st_size < 1 << 20
+    if header == "lying":
+        _claim_size(src, _BOMB, 1000)
+    code = textwrap.dedent(f"""
+        import resource
+        from vggkit.data import load_dataset
+        from vggkit.errors import DataError
+
+        # A safety net should the bound fail: the child dies, not the machine.
+        vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) << 10
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            load_dataset("folder:{src}", data_dir={str(tmp_path / "d")!r}, progress=False)
+        except DataError as exc:
+            print(exc)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)  # KiB -> MiB
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    message, grown_mib = proc.stdout.strip().splitlines()
+    assert re.match(rf"{re.escape(str(src))}:{_BOMB}: cannot read \({reason}", message), message
+    assert int(grown_mib) < 32, f"peak RSS grew by {grown_mib} MiB"
+
+
+def test_zip_reader_stops_at_the_limit_whatever_the_header(tmp_path: Path, monkeypatch) -> None:
+    """With the header checks off, the chunked reader alone stops just past the limit."""
+    from vggkit.data.sources import folder
+
+    src = tmp_path / "big.zip"
+    _zip_with_member(src, _BOMB, 16 << 20)
+    monkeypatch.setattr(folder, "MAX_MEMBER_BYTES", 4 << 20)
+    monkeypatch.setattr(folder, "_check_zip_member_size", lambda info: None)
+    chunks: list[int] = []
+    real_read = zipfile.ZipExtFile.read
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda self, n=-1: chunks.append(n) or real_read(self, n))
+    with zipfile.ZipFile(src) as zf, pytest.raises(folder.ZipMemberRefused, match="inflates past the 4 MiB limit"):
+        folder._read_zip_member(zf, zf.getinfo(_BOMB))
+    assert len(chunks) == 5 and all(0 < n <= 1 << 20 for n in chunks)
+
+
+@pytest.mark.parametrize("size,method,reason", [
+    (2 << 20, zipfile.ZIP_DEFLATED, r"refusing to inflate [\d,]+ bytes into 2 MiB \(over 100:1"),
+    (1 << 20, zipfile.ZIP_BZIP2, r"compressed with zip method 12, whose output vggkit cannot bound"),
+])
+def test_zip_members_over_the_ratio_or_of_unbounded_methods_are_refused(
+        tmp_path: Path, size: int, method: int, reason: str) -> None:
+    src = tmp_path / "s.zip"
+    _zip_with_member(src, _BOMB, size, method)
+    with pytest.raises(DataError, match=rf"s\.zip:{_BOMB}: cannot read \({reason}"):
+        load_dataset(f"folder:{src}", data_dir=tmp_path / "d", progress=False)
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d2", skip_bad_images=True, progress=False)
+    assert len(ds.skipped) == 1
+
+
+def test_small_members_may_compress_any_amount(tmp_path: Path) -> None:
+    """A blank BMP deflates far past 100:1; under RATIO_CHECK_ABOVE that is allowed."""
+    from PIL import Image
+
+    from vggkit.data.sources.folder import MAX_MEMBER_RATIO, RATIO_CHECK_ABOVE
+
+    src = tmp_path / "s.zip"
+    T.write_image_folder(src, as_zip=True, size=(64, 64))
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="BMP")
+    with zipfile.ZipFile(src, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train/cat/blank.bmp", buf.getvalue())
+        info = zf.getinfo("train/cat/blank.bmp")
+    assert info.file_size > MAX_MEMBER_RATIO * info.compress_size and info.file_size < RATIO_CHECK_ABOVE
+    ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", progress=False)
+    assert not ds.skipped and (ds.x_train == 0).all(axis=(1, 2, 3)).sum() == 1
 
 
 def _png_header_only(width: int, height: int) -> bytes:

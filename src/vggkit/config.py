@@ -325,7 +325,22 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
         raise bad("lookahead_decay", "must be in [0, 1]")
     if config.whiten_bias_epochs is not None and config.whiten_bias_epochs < 0:
         raise bad("whiten_bias_epochs", "must not be negative")
+    if config.image_size is not None:
+        check_tta_translate(config, config.image_size, source)
     return config
+
+
+def check_tta_translate(config: TrainConfig, image_size: int, source: str = "command line") -> None:
+    """The shifted test views are cut from a reflect-padded copy, and reflect padding must be
+    thinner than the image: so --tta-translate must be smaller than the side. ``validate``
+    checks it when --image-size is given; otherwise call this once the side is known (the
+    dataset's), before training, so that the run does not fail only at its final test."""
+    if config.tta and config.tta_translate >= image_size:
+        where = "--tta-translate" if source == "command line" else f"{source}: tta_translate"
+        raise UsageError(
+            f"{where} {config.tta_translate}: must be smaller than the image side {image_size} "
+            "(the shifted test views reflect-pad the image by that many pixels); lower "
+            "--tta-translate or raise --image-size")
 
 
 def resolve_config(

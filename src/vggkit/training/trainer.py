@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from vggkit import __version__
-from vggkit.config import FIELDS, TrainConfig, apply_overrides
+from vggkit.config import FIELDS, TrainConfig, apply_overrides, check_tta_translate
 from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.models import (
     count_parameters,
@@ -658,14 +658,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- helpers
-def check_tta_translate(config: TrainConfig, image_size: int) -> None:
-    """--tta-translate shifts the test images by t pixels; at or above the side it would
-    fail only at the final test, after all the training."""
-    if config.tta and config.tta_translate >= image_size:
-        raise UsageError(f"--tta-translate {config.tta_translate}: must be smaller than the "
-                         f"image side {image_size}")
-
-
 def environment_info(engine: Engine) -> dict[str, Any]:
     info = {
         "vggkit": __version__,

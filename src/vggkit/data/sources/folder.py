@@ -17,6 +17,11 @@ Decoding is the slow part, so the decoded uint8 arrays are cached (``.npy`` + ``
 written to a temporary folder and renamed into place) under a key made from the source's identity
 (path, size and mtime of a zip; the relative paths, sizes and mtimes of a directory's files) and
 the target image size. A second load of the same source reads the arrays back in about a second.
+
+Zip members are inflated in memory, so each one is bounded before and while it is read: at
+most ``MAX_MEMBER_BYTES`` uncompressed, at most ``MAX_MEMBER_RATIO``:1 compressed when above
+``RATIO_CHECK_ABOVE``, stored or deflate only, and read in chunks that stop at the limit
+whatever the header claims. A member over a limit is a bad image naming the zip and member.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class _Source:
 
     def read(self, rel: str) -> bytes:
         if self.zf is not None and self.infos is not None:
-            return self.zf.read(self.infos[rel])
+            return _read_zip_member(self.zf, self.infos[rel])
         return (self.root / rel).read_bytes()
 
     def close(self) -> None:
@@ -108,6 +113,53 @@ def _scan_dir(root: Path) -> tuple[_Source, str]:
             listing.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
     digest = hashlib.sha256("\n".join(listing).encode("utf-8", "surrogateescape")).hexdigest()
     return _Source(root, files, dirs, False), f"dir:{root}:{digest}"
+
+
+# Zip members: a deflate bomb would otherwise take gigabytes before Pillow's pixel limit is checked.
+MAX_MEMBER_BYTES = 64 << 20  # uncompressed, per image; a 24-megapixel JPEG is about 10 MiB
+MAX_MEMBER_RATIO = 100  # uncompressed:compressed; deflate tops out near 1032:1
+RATIO_CHECK_ABOVE = 1 << 20  # smaller members may compress any amount (a blank BMP does 100:1)
+_READ_CHUNK = 1 << 20
+_BOUNDED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # zipfile inflates bzip2/lzma unbounded
+
+
+class ZipMemberRefused(ValueError):
+    """A zip member over the size or ratio limit, or compressed with an unbounded method."""
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.4g} MiB"
+
+
+def _check_zip_member_size(info: zipfile.ZipInfo) -> None:
+    """Refuse a member from its header, before inflating any of it."""
+    if info.compress_type not in _BOUNDED_METHODS:
+        raise ZipMemberRefused(
+            f"compressed with zip method {info.compress_type}, whose output vggkit cannot bound; "
+            "re-zip it with deflate (zip's default)")
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise ZipMemberRefused(
+            f"refusing to inflate {_mib(info.file_size)}, over the {_mib(MAX_MEMBER_BYTES)} limit "
+            "for one image")
+    if info.file_size > RATIO_CHECK_ABOVE and info.file_size > MAX_MEMBER_RATIO * info.compress_size:
+        raise ZipMemberRefused(
+            f"refusing to inflate {info.compress_size:,} bytes into {_mib(info.file_size)} (over "
+            f"{MAX_MEMBER_RATIO}:1, a decompression bomb)")
+
+
+def _read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes, never more than MAX_MEMBER_BYTES whatever its header says."""
+    _check_zip_member_size(info)
+    chunks, total = [], 0
+    with zf.open(info) as member:
+        while chunk := member.read(_READ_CHUNK):
+            total += len(chunk)
+            if total > MAX_MEMBER_BYTES:  # the header lied about the size
+                raise ZipMemberRefused(
+                    f"inflates past the {_mib(MAX_MEMBER_BYTES)} limit for one image (its header "
+                    f"claims {info.file_size:,} bytes)")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _zip_identity(path: Path) -> str:
