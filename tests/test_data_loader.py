@@ -126,7 +126,8 @@ def test_shards_cover_every_sample_once(n: int, bs: int, ws: int) -> None:
         batches = [lab for _, lab in ld.epoch(1)]
         counts.add(len(batches))
         assert len(batches) == len(ld)
-        assert all(len(b) >= 1 for b in batches) and all(len(b) <= bs + 1 for b in batches)
+        # a remainder that would leave a rank one sample (or none) is folded into the batch before
+        assert all(len(b) >= 1 for b in batches) and all(len(b) <= bs + 2 for b in batches)
         flat = torch.cat(batches)
         assert torch.equal(flat, ld.indices(1)) and len(flat) == ld.num_samples()
         seen.append(flat)

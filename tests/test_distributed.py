@@ -24,7 +24,9 @@ from vggkit.workflow import train
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available in this build")
 
+# a constant rate, so that the runs below may be resumed to more epochs (a one-cycle run may not)
 ARGS = ["--model", "vgg_compact", "--dataset", "digits", "--image-size", "8", "--batch-size", "32", "--lr", "0.05",
+        "--schedule", "constant",
         "--precision", "fp32", "--no-report", "--crop-padding", "1", "--flip"]
 
 

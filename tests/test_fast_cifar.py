@@ -219,7 +219,10 @@ def test_tiny_recipe_run_learns_and_reports(tmp_path):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["train_samples"] == 320 // 64 * 64 for r in rows)  # drop_last
-    assert rows[-1]["val_acc"] > 0.2  # 10 classes: learning, not chance
+    # the recipe trains on everything (--val-split 0): the per-epoch test curve is monitoring
+    assert "val_acc" not in rows[-1] and rows[-1]["test_acc"] > 0.2  # 10 classes: learning
+    assert summary["best_val_acc"] is None
+    assert not (tmp_path / "run" / "checkpoints" / "best.safetensors").exists()
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
     # The stem: whitened from data (not the constructor's init), frozen; its bias trained
     # in epoch 1 only; the lookahead average rides in the optimizer state.

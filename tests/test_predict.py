@@ -51,20 +51,20 @@ def overfit(tmp_path_factory):
     file with a 10-image test split, so each epoch's validation is free; the data pipeline
     enlarges them from 8x8 to 32x32. Returns the run, the 8x8 digits and the prepared set."""
     root = tmp_path_factory.mktemp("predict")
-    digits = load_dataset("digits", subset=20, progress=False)
+    digits = load_dataset("digits", subset=20, val_split=0, progress=False)
     np.savez(root / "digits20.npz", x_train=digits.x_train[:, 0].numpy(),
              y_train=digits.y_train.numpy(), x_test=digits.x_test[:10, 0].numpy(),
              y_test=digits.y_test[:10].numpy())
     config = TrainConfig(model="vgg11_bn", dataset=f"npz:{root / 'digits20.npz'}",
                          image_size=SIZE, epochs=15, batch_size=5, optimizer="adam", lr=1e-3,
-                         crop_padding=0, flip=False, cutout=0,
+                         crop_padding=0, flip=False, cutout=0, val_split=0,
                          precision="fp32", threads=1, out=str(root / "run"), report=False)
     threads = torch.get_num_threads()
     try:
         train(config, progress=False)  # one thread: quicker for a net this small
     finally:
         torch.set_num_threads(threads)
-    prepared = load_dataset(config.dataset, image_size=SIZE, progress=False)
+    prepared = load_dataset(config.dataset, image_size=SIZE, val_split=0, progress=False)
     return root / "run", digits, prepared
 
 
@@ -103,7 +103,7 @@ def test_predict_recognises_the_training_images_at_any_size_and_mode(overfit, tm
 def test_predict_takes_a_checkpoint_file_and_caps_topk(overfit, tmp_path):
     run, digits, _ = overfit
     path = save_as(digits.x_train[0, 0].numpy(), tmp_path / "one.png", "L")
-    (result,) = predict(run / "checkpoints" / "best.safetensors", [path], topk=50)
+    (result,) = predict(run / "checkpoints" / "last.safetensors", [path], topk=50)
     assert len(result["predictions"]) == 10  # as many as there are classes
 
 
@@ -151,7 +151,7 @@ def test_preparation_equals_the_image_folder_datasets(tmp_path):
     root = tmp_path / "folder"
     write_image_folder(root, size=(12, 10), mode="RGB")
     ref = load_dataset(f"folder:{root}", data_dir=tmp_path / "data", image_size=8, channels=1,
-                       download=False, progress=False)
+                       val_split=0, download=False, progress=False)
     files = sorted((root / "train").rglob("*.png"))
     assert len(files) == len(ref.x_train)
     for path, expected in zip(files, ref.x_train):

@@ -91,6 +91,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if result["failed"] else 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from vggkit.config import resolve_config
+    from vggkit.training.lr_find import lr_find, plot
+
+    flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and k != "lr"}
+    config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
+    found = lr_find(config, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr,
+                    progress=not args.quiet)
+    path = plot(found, args.plot)
+    if args.json:
+        print_json({"suggestion": found.suggestion, "plot": str(path),
+                    "lrs": found.lrs, "losses": found.losses})
+    else:
+        print(f"suggested --lr {found.suggestion:.3g}  (loss against rate: {path})")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from vggkit.models import create_model, format_summary, summary_dict
 
@@ -340,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every epochs value from scratch even when the schedule does "
                    "not depend on the total epochs (the default then continues the shorter "
                    "run, which gives the same result)")
+    add_train_flags(p)
+
+    p = command("lr-find", "learning-rate range test on the train flags: a throw-away copy "
+                "of the model, the rate growing exponentially; prints the suggested --lr and "
+                "plots loss against rate", cmd_lr_find)
+    p.add_argument("--steps", type=int, default=200, help="steps of the test (default 200)")
+    p.add_argument("--start-lr", type=float, default=1e-6, help="first rate (default 1e-6)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last rate (default 10)")
+    p.add_argument("--plot", default="lr-find.png", help="the PNG of loss against rate "
+                   "(default lr-find.png)")
     add_train_flags(p)
 
     p = command("evaluate", "accuracy, per-class metrics and confusion matrix of a run or "

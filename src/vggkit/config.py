@@ -82,7 +82,8 @@ class TrainConfig:
     epochs: int = opt(12, "training epochs")
     batch_size: int = opt(64, "images per step (per process under torchrun)")
     optimizer: str = opt("sgd", "optimizer", choices=OPTIMIZERS)
-    lr: float = opt(0.05, "peak learning rate")
+    lr: float = opt(0.05, "peak learning rate, or 'auto': run `vggkit lr-find` first and use "
+                    "its suggestion (recorded in config.yaml)")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum for SGD")
     betas: list[float] = opt([0.9, 0.999], "Adam/AdamW betas", metavar="B1,B2")
@@ -185,6 +186,8 @@ def field_type(name: str) -> tuple[type, bool]:
 def coerce(name: str, value: Any, source: str) -> Any:
     """Check and convert one value to the field's type; errors name the key and the source."""
     base, optional = field_type(name)
+    if name == "lr" and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"  # resolved by a learning-rate range test before training
     where = f"{source}: {name}" if source != "command line" else f"--{name.replace('_', '-')}"
     if value is None:
         if optional:
@@ -221,6 +224,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
         pass
     kind = {bool: "true or false", int: "an integer", float: "a finite number",
             str: "a string"}.get(base, "a list of numbers like 0.9,0.999")
+    if name == "lr":
+        kind = "a positive number or 'auto'"
     raise UsageError(f"{where} must be {kind}, got {value!r}")
 
 
@@ -271,8 +276,8 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, name) < 1:
             raise bad(name, "must be a positive integer")
-    if not config.lr > 0:
-        raise bad("lr", "must be positive")
+    if config.lr != "auto" and not config.lr > 0:
+        raise bad("lr", "must be positive (or 'auto')")
     for name in ("weight_decay", "warmup_epochs", "decay", "crop_padding", "cutout",
                  "lookahead_start", "lookahead_power", "tta_translate", "log_every"):
         if getattr(config, name) < 0:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vggkit.config import TrainConfig
-from vggkit.errors import VggkitError
+from vggkit.errors import UsageError, VggkitError
 from vggkit.runfolder import RunFolder
 from vggkit.training import trainer
 
@@ -24,11 +24,26 @@ def train(config: TrainConfig, *, progress: bool = True, explicit: set[str] | No
     """Train as ``config`` says (``vggkit.training.trainer.train``), then write the report
     (unless ``config.report`` is off; under torchrun only rank 0 writes). Returns the
     summary."""
+    if config.lr == "auto" and not config.resume:
+        config = with_found_lr(config, progress)
     summary = trainer.train(config, progress=progress, explicit=explicit, command=command)
     resolved = summary.get("run")
     if resolved and os.environ.get("RANK", "0") == "0" and wants_report(Path(resolved)):
         write_run_report(Path(resolved))
     return summary
+
+
+def with_found_lr(config: TrainConfig, progress: bool) -> TrainConfig:
+    """--lr auto: a learning-rate range test on a throw-away copy of the model, then the
+    run's config with its suggestion (so config.yaml records the number used)."""
+    from vggkit.training.lr_find import lr_find
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError("--lr auto: run `vggkit lr-find` in one process first and pass its "
+                         "suggestion as --lr under torchrun")
+    found = lr_find(config, progress=progress)
+    log.info("--lr auto: the range test suggests %.3g", found.suggestion)
+    return config.replace(lr=found.suggestion)
 
 
 def wants_report(run: Path) -> bool:
