@@ -37,7 +37,7 @@ def test_yaml_round_trips(tmp_path):
     [
         ("epochz: 3\n", "unknown key 'epochz' \\(did you mean 'epochs'\\?\\)"),
         ("epochs: three\n", "epochs must be an integer"),
-        ("lr: [1, 2]\n", "lr must be a finite number"),
+        ("lr: [1, 2]\n", "lr must be a positive number or 'auto'"),
         ("flip: maybe\n", "flip must be true or false"),
         ("- 1\n- 2\n", "must hold a mapping"),
         ("epochs: 0\n", "epochs must be a positive integer"),
@@ -63,7 +63,7 @@ def test_missing_config_file_is_named(tmp_path):
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--batch-size", "-4"], "--batch-size must be a positive integer"),
         (["--lr", "-0.1"], "--lr must be positive"),
-        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "nan"], "--lr must be a positive number or 'auto'"),
         (["--model", "vgg16bn"], "did you mean 'vgg16_bn'"),
         (["--head", "clasic"], "did you mean 'classic'"),
         (["--betas", "0.9"], "--betas must be two numbers"),
