@@ -217,3 +217,15 @@ def test_repository_readme_holds_the_generated_table():
     assert results.update_readme(REPO / "docs" / "results", readme, check=True), (
         "README.md's results table differs from docs/results/; run "
         "`vggkit results table docs/results --readme README.md`")
+
+
+def test_collected_summary_names_paths_relative_to_the_repository(tmp_path, monkeypatch):
+    from vggkit.evaluation.results import _relative_paths
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"run": str(tmp_path / "runs" / "x"),
+                                "dataset": {"source": str(tmp_path.parent / "data" / "mnist")}}))
+    _relative_paths(path)
+    data = json.loads(path.read_text())
+    assert data["run"] == "runs/x" and data["dataset"]["source"] == "../data/mnist"

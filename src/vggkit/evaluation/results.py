@@ -84,6 +84,7 @@ def stage_artefacts(run: Path, out: Path) -> None:
         if not (run / file).is_file():
             raise UsageError(f"{run}: not a finished run folder (no {file})")
         shutil.copyfile(run / file, out / file)
+    _relative_paths(out / RunFolder(out).summary_path.name)
     for file in (CM_CSV, CM_PNG):  # `vggkit evaluate RUN` writes them
         if (run / file).is_file():
             shutil.copyfile(run / file, out / file)
@@ -92,6 +93,18 @@ def stage_artefacts(run: Path, out: Path) -> None:
         draw_confusion(run, summary, out)
     if not (out / CURVES_PNG).is_file():
         (out / CURVES_PNG).write_bytes(draw_curves(run, summary))
+
+
+def _relative_paths(summary_path: Path) -> None:
+    """The collected summary names the data and the run relative to the working directory
+    (the repository), never by a path of the machine the run was made on."""
+    summary = json.loads(summary_path.read_text())
+    dataset = summary.get("dataset") or {}
+    for holder, key in ((dataset, "source"), (summary, "run")):
+        value = holder.get(key)
+        if isinstance(value, str) and os.path.isabs(value):
+            holder[key] = os.path.relpath(value)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def stage_report(run: Path, out: Path) -> None:
