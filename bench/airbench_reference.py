@@ -281,8 +281,9 @@ def main(argv=None) -> int:
     from vggkit.data import load_dataset
 
     HYP["batch_size"] = args.batch_size
+    # airbench trains on all 50,000 training images: no validation split
     ds = load_dataset(args.dataset, data_dir=args.data_dir, subset=args.subset,
-                      image_size=args.image_size)
+                      image_size=args.image_size, val_split=0)
     print(f"{args.dataset}: {len(ds.x_train)} train, {len(ds.x_test)} test, "
           f"{tuple(ds.x_train.shape[1:])}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.precision}", flush=True)

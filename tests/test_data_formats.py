@@ -268,14 +268,17 @@ def test_folder_jpeg_resized(tmp_path: Path) -> None:
     assert ds.image_shape == (3, 16, 16)
 
 
-def test_folder_mixed_sizes_need_image_size(tmp_path: Path) -> None:
+def test_folder_mixed_sizes_are_resized_to_the_median_side(tmp_path: Path, caplog) -> None:
     src = tmp_path / "m"
-    T.write_image_folder(src)
+    T.write_image_folder(src)  # 12x10 images
     from PIL import Image
 
     Image.new("RGB", (7, 7)).save(src / "train" / "dog" / "odd.png")
-    with pytest.raises(DataError, match=r"odd\.png: image is 7x7 .* pass --image-size"):
-        load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    with caplog.at_level(logging.WARNING, logger="vggkit.data"):
+        ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
+    assert ds.image_shape == (3, 10, 10) and len(ds.y_train) == 13  # median shorter side 10
+    assert any("odd.png" in r.getMessage() and "--image-size" in r.getMessage()
+               for r in caplog.records)
     ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", image_size=8)
     assert ds.image_shape == (3, 8, 8) and len(ds.y_train) == 13
 
@@ -555,14 +558,7 @@ def test_folder_reads_every_imagefolder_format_and_gif(tmp_path: Path, as_zip: b
     tree = {f"train/many/{name}": blob for name, (blob, _) in files.items()}
     png = files["c.Png"][0]
     tree.update({"train/png/x.png": png, "test/many/x.png": png, "test/png/x.png": png})
-    if as_zip:
-        with zipfile.ZipFile(src, "w") as zf:
-            for rel, blob in tree.items():
-                zf.writestr(rel, blob)
-    else:
-        for rel, blob in tree.items():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            (src / rel).write_bytes(blob)
+    T.write_tree(tree, src, as_zip=as_zip)
     ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d")
     assert ds.image_shape == (3, 10, 12) and not ds.skipped
     assert ds.y_train.tolist() == [0] * len(files) + [1]

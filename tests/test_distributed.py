@@ -46,6 +46,16 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subpro
                             env=full_env, start_new_session=True)
 
 
+def long_run_past_its_first_epoch(run: Path) -> subprocess.Popen:
+    """A 500-epoch torchrun run, once its first epoch is written."""
+    proc = torchrun([*ARGS, "--epochs", "500", "--out", str(run)])
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    return proc
+
+
 def test_two_processes_train_one_model_and_resume_either_way(tmp_path):
     run = tmp_path / "ddp"
     proc = torchrun([*ARGS, "--epochs", "2", "--out", str(run), "--json"])
@@ -75,11 +85,7 @@ def test_two_processes_train_one_model_and_resume_either_way(tmp_path):
 
 def test_a_dead_rank_ends_the_other_with_an_error(tmp_path):
     run = tmp_path / "dies"
-    proc = torchrun([*ARGS, "--epochs", "500", "--out", str(run)])
-    deadline = time.time() + 180
-    while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc = long_run_past_its_first_epoch(run)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
                              ).stdout.split()
     assert len(workers) == 2
@@ -93,3 +99,23 @@ def test_a_dead_rank_ends_the_other_with_an_error(tmp_path):
     assert proc.returncode != 0
     assert time.time() - killed_at < 90
     assert "failed" in err.lower() or "error" in err.lower()
+
+
+def test_sigterm_to_the_group_leaves_one_resumable_checkpoint(tmp_path):
+    """SIGTERM to the whole torchrun group (torchrun forwards its own too): the ranks agree
+    on the step to stop at, rank 0 writes one checkpoint, every rank exits cleanly, and the
+    run resumes in one process."""
+    run = tmp_path / "term"
+    proc = long_run_past_its_first_epoch(run)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the ranks hung after SIGTERM")
+    assert err.count("interrupted by") >= 1, err[-3000:]
+    assert "Timeout" not in err and "timed out" not in err.lower(), err[-3000:]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    done = ckpt.meta["epoch"] + 1
+    summary = train(TrainConfig(resume=str(run), epochs=done), progress=False)
+    assert summary["epochs_completed"] == done

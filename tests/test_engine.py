@@ -158,3 +158,52 @@ def test_train_step_returns_device_tensors():
     loss, correct = step(eng.to_input(images), labels)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert correct.dtype == torch.int64 and 0 <= int(correct) <= 8
+
+
+# ----------------------------------------------------------------------------- CUDA decisions
+# What can be checked without a GPU: device selection and the precision and scaler choices
+# (bench/gpu_check.py runs the rest on hardware).
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("bf16_ok, expect, scaler", [(True, "bf16", False), (False, "fp16", True)])
+def test_auto_precision_on_cuda_and_its_loss_scaler(monkeypatch, bf16_ok, expect, scaler):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    chosen, why = resolve_precision("auto", CUDA)
+    assert chosen == expect and ("loss scaling" in why) == scaler
+    engine = E.Engine(CUDA, chosen, True, False, why)
+    assert (engine.make_scaler() is not None) == scaler
+
+
+def test_bf16_refused_on_a_cuda_device_without_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(UsageError, match="--precision bf16"):
+        resolve_precision("bf16", CUDA)
+
+
+def test_device_selection(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert E.resolve_device("auto").type == "cpu"
+    with pytest.raises(UsageError, match="--device cuda"):
+        E.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert E.resolve_device("auto").type == "cuda"
+
+
+def test_the_scaler_skips_a_step_whose_gradients_overflowed():
+    """The fp16 path's GradScaler decisions, on CPU: an inf gradient skips the update and
+    halves the scale; a finite one updates."""
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = model.weight.detach().clone()
+    loss = model(torch.full((1, 4), float("inf"))).sum()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(model.weight, before) and scaler.get_scale() == 512.0
+    opt.zero_grad()
+    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(model.weight, before)

@@ -234,17 +234,22 @@ def write_image_folder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog", 
                 ys.append(label)
         arrays[f"x_{split or 'all'}"] = np.stack(xs)
         arrays[f"y_{split or 'all'}"] = np.array(ys, np.int64)
+    write_tree(files, root, as_zip=as_zip)
+    arrays["files"] = sorted(files)
+    return arrays
+
+
+def write_tree(files: dict[str, bytes], root: Path, *, as_zip: bool = False) -> None:
+    """Files by relative path, into folder ``root`` or into the zip file ``root``."""
     if as_zip:
         root.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(root, "w") as zf:
             for rel, blob in files.items():
                 zf.writestr(rel, blob)
-    else:
-        for rel, blob in files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(blob)
-    arrays["files"] = sorted(files)
-    return arrays
+        return
+    for rel, blob in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(blob)
 
 
 # --- a dataset whose class is where a bright square is -------------------------------------------

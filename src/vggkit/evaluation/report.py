@@ -319,6 +319,8 @@ def results_table(run: RunData) -> Table:
         ["device, precision", f"{engine.get('device', '?')}, {s.get('precision', '?')}"],
         ["augmentation", augmentation(cfg)],
     ]
+    if s.get("skipped_images"):
+        rows.append(["skipped image files", f"{s['skipped_images']:,} (--skip-bad-images)"])
     if s.get("health") is not None:  # the training health checks' findings, one a line
         rows.append(["training health", "; ".join(s["health"]) or "no findings"])
     if s.get("params"):

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 # Seconds a collective may wait for a missing rank. Overridable for slow clusters.
 DEFAULT_TIMEOUT_S = 120
+DEFAULT_DATA_TIMEOUT_S = 6 * 3600  # a first CIFAR download or zip decode, on a slow link
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,39 @@ def all_gather_object(value, info: DistInfo) -> list:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def data_timeout_seconds() -> int:
+    return int(os.environ.get("VGGKIT_DATA_TIMEOUT", DEFAULT_DATA_TIMEOUT_S))
+
+
+def data_wait_group(info: DistInfo):
+    """A gloo group whose only use is to wait for the data: a first download or decode
+    takes minutes, far past the collectives' timeout (--dist timeout). Every rank must
+    create it, before any of them starts preparing data."""
+    if not info.enabled:
+        return None
+    return dist.new_group(backend="gloo",
+                          timeout=datetime.timedelta(seconds=data_timeout_seconds()))
+
+
+def wait_for_data(info: DistInfo, group) -> None:
+    """Every node's preparer (local rank 0) is done: the data is in each node's cache."""
+    if info.enabled:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when it is true on one (e.g. a stop signal that reached only
+    some of them): all ranks then leave the loop at the same step."""
+    if not info.enabled:
+        return flag
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        box = box.cuda()
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def shutdown(info: DistInfo) -> None:

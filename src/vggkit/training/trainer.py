@@ -152,15 +152,18 @@ def check_resume_changes(trained: dict[str, Any], resumed: TrainConfig) -> None:
 # ----------------------------------------------------------------------------- setup parts
 @dataclass
 class Data:
-    """The prepared dataset and its loaders; ``val`` is None with ``--val-split 0``."""
+    """The prepared dataset and its loaders. ``per_epoch`` is what each epoch is evaluated
+    on, sharded across processes: the validation split, or with ``--val-split 0`` the test
+    split (monitoring only). ``test`` is the whole test split, for the final test."""
 
     dataset: Any
     image_size: int
     mean: list[float]
     std: list[float]
     train: Any
-    val: Any
+    per_epoch: Any
     test: Any
+    has_val: bool
     val_source: str
 
     @property
@@ -186,17 +189,20 @@ def resolve_image_size(config: TrainConfig, native: int) -> int:
 
 
 def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: bool) -> Data:
-    """Decode (rank 0 first, so a first decode or download happens once), then every rank
-    loads the prepared copy at the image size the model needs."""
+    """Each node's local rank 0 decodes (or downloads) first, so that happens once a node,
+    while the others wait without the collectives' timeout; then every rank loads the
+    prepared copy from the node's cache at the image size the model needs."""
     from vggkit.data import Augment, Loader, load_dataset
 
     args = dict(data_dir=config.data_dir, download_url=config.download_url,
                 channels=config.channels, subset=config.subset, val_split=config.val_split,
                 seed=config.seed, skip_bad_images=config.skip_bad_images)
-    probe = load_dataset(config.dataset, download=config.download and dist.is_main,
+    preparer = dist.local_rank == 0
+    group = D.data_wait_group(dist)
+    probe = load_dataset(config.dataset, download=config.download and preparer,
                          progress=progress and dist.is_main,
-                         image_size=config.image_size or None, **args) if dist.is_main else None
-    D.barrier(dist)
+                         image_size=config.image_size or None, **args) if preparer else None
+    D.wait_for_data(dist, group)
     native = probe.x_train.shape[-1] if probe is not None else None
     image_size = resolve_image_size(config, D.broadcast_object(native, dist))
     dataset = probe if probe is not None and probe.x_train.shape[-1] == image_size else \
@@ -217,13 +223,13 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     has_val = dataset.x_val is not None and len(dataset.x_val) > 0
     # Per-epoch evaluation is sharded across processes: the validation split, or with
     # --val-split 0 the test split, recorded for monitoring and never acted on.
-    per_epoch = (dataset.x_val, dataset.y_val) if has_val else (dataset.x_test, dataset.y_test)
-    val = Loader(*per_epoch, config.eval_batch_size, shuffle=False, rank=dist.rank,
-                 world_size=dist.world_size, **common)
+    split = (dataset.x_val, dataset.y_val) if has_val else (dataset.x_test, dataset.y_test)
+    per_epoch = Loader(*split, config.eval_batch_size, shuffle=False, rank=dist.rank,
+                       world_size=dist.world_size, **common)
     test = Loader(dataset.x_test, dataset.y_test, config.eval_batch_size, shuffle=False,
                   **common)
-    return Data(dataset, image_size, mean, std, train, val if has_val else None,
-                test if has_val else val, describe_val_source(config, dataset, has_val))
+    return Data(dataset, image_size, mean, std, train, per_epoch, test, has_val,
+                describe_val_source(config, dataset, has_val))
 
 
 def describe_val_source(config: TrainConfig, dataset: Any, has_val: bool) -> str:
@@ -299,7 +305,6 @@ class LoopState:
     stale_epochs: int = 0
     partial_totals: dict[str, Any] | None = None
     train_seconds: float = 0.0
-    images_seen: int = 0
     stopped_early: bool = False
 
 
@@ -409,7 +414,7 @@ class Trainer:
                       "input_size": d.image_size, "dropout": c.dropout},
             "dataset": {"name": c.dataset, "source": getattr(d.dataset, "source", ""),
                         "train": len(d.dataset.x_train), "test": len(d.dataset.x_test),
-                        "val": len(d.dataset.x_val) if d.val is not None else 0},
+                        "val": len(d.dataset.x_val) if d.has_val else 0},
             "world_size": self.dist.world_size,
         }
 
@@ -500,10 +505,12 @@ class Trainer:
                 self._check_finite(totals.running_loss(), epoch, batch)
                 bar.show(batch + 1, totals.running_loss(),
                          totals.correct.item() / max(1, totals.count))
-            if stop.signal is not None:
+            # Agreed across processes every step: a signal that reached only some ranks
+            # must not leave the others waiting in the next all-reduce.
+            if D.any_rank(stop.signal is not None, self.dist):
                 totals.seconds += time.perf_counter() - tick
                 bar.close()
-                self._interrupt(stop.signal, epoch, batch, totals)
+                self._interrupt(stop.signal or signal.SIGTERM, epoch, batch, totals)
         if self.lookahead is not None:
             self.lookahead.end_epoch()
         bar.close()
@@ -537,13 +544,14 @@ class Trainer:
         train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
         self._check_finite(train_loss, epoch)
         s.train_seconds += totals.seconds
-        s.images_seen += int(sums[2].item())
-        split = "val" if self.data.val is not None else "test"
-        loss, acc = self.evaluate_sharded(self.data.val or self.data.test)
-        improved = split == "val" and acc > s.best["acc"]
-        if split == "val":
-            s.best, s.stale_epochs = ({"acc": acc, "epoch": epoch + 1}, 0) if improved else \
-                (s.best, s.stale_epochs + 1)
+        split = "val" if self.data.has_val else "test"
+        loss, acc = self.evaluate_sharded(self.data.per_epoch)
+        improved = self.data.has_val and acc > s.best["acc"]
+        if improved:
+            s.best, s.stale_epochs = {"acc": acc, "epoch": epoch + 1}, 0
+        elif self.data.has_val:
+            s.stale_epochs += 1
+        if self.data.has_val:  # selection acts on validation only, never on the test split
             if self.schedule.end_epoch(acc):
                 log.info("validation accuracy has not improved for %d epochs: learning rate "
                          "x%g", c.plateau_patience, c.gamma)
@@ -552,6 +560,7 @@ class Trainer:
                   "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": totals.seconds,
                   "images_per_second": sums[2].item() / max(1e-9, totals.seconds),
                   "train_samples": int(sums[2].item()), "elapsed_seconds": s.train_seconds}
+        s.epoch, s.batch, s.partial_totals = epoch + 1, 0, None
         self._save_epoch(record, epoch, improved)
         log.info("epoch %d/%d  loss %.4f  acc %.2f%%  %s_loss %.4f  %s_acc %.2f%%%s  lr %.4g  "
                  "%.1fs  %s img/s", epoch + 1, c.epochs, train_loss, 100 * train_acc, split,
@@ -619,7 +628,7 @@ class Trainer:
                  command: str | None) -> dict[str, Any]:
         c, s, history = self.config, self.state, self.run.read_metrics()
         seconds = sum(r["epoch_seconds"] for r in history)
-        has_val = self.data.val is not None
+        has_val = self.data.has_val
         env = environment_info(self.engine)
         return {
             "run": str(self.run),
@@ -711,8 +720,10 @@ class StopFlag:
         return self
 
     def _handle(self, signum, _frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if signum == signal.SIGINT == self.signal:  # Ctrl-C pressed twice: stop now
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM (torchrun forwards its own): already stopping
         self.signal = signum
         print(f"\n{signal.Signals(signum).name}: finishing the current step and writing a "
               "checkpoint (press again to abort at once)", file=sys.stderr, flush=True)

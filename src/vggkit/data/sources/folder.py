@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 SIXTEEN_BIT_I = ("PNG", "PPM")
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 TEST_NAMES = ("test", "val", "valid", "validation")
+MAX_COMMON_SIDE = 224  # mixed sizes without --image-size: resized to at most this side
+LOG_SECONDS = 30.0  # a progress line this often when the output is not a terminal
 CACHE_VERSION = 2  # 2: more formats and modes decode (a cached skip list may be stale)
 
 
@@ -323,11 +326,16 @@ def _decode_all(
     gray = np.zeros(len(files), dtype=bool)
     ok = np.zeros(len(files), dtype=bool)
     enabled = progress and sys.stderr is not None and sys.stderr.isatty()
+    last_line = time.perf_counter()
     with tqdm(total=len(files), unit="img", desc=f"decoding {src.root.name}", file=sys.stderr,
               disable=not enabled, leave=False, mininterval=0.5) as bar:
         for i, rel in enumerate(files):
             if i % 512 == 0 and i:
                 bar.update(512)
+                # Off a terminal (nohup, CI logs) a plain line now and then instead of the bar.
+                if progress and not enabled and time.perf_counter() - last_line >= LOG_SECONDS:
+                    log.info("decoding %s: %d of %d images", src.root.name, i, len(files))
+                    last_line = time.perf_counter()
             try:
                 arr, g = _decode(_read_or_bad(src, rel), size)
             except _BadImage as exc:
@@ -338,7 +346,7 @@ def _decode_all(
                 out = np.zeros((len(files), arr.shape[0], arr.shape[1], 3), dtype=np.uint8)
                 first_good = rel
             elif arr.shape[:2] != out.shape[1:3]:
-                raise DataError(
+                raise _MixedSizes(
                     f"{src.display(rel)}: image is {arr.shape[1]}x{arr.shape[0]} but {src.display(first_good)} is "
                     f"{out.shape[2]}x{out.shape[1]}; pass --image-size to resize every image to one size"
                 )
@@ -355,6 +363,23 @@ def _decode_all(
     channels = 1 if len(keep) and gray[keep].all() else 3
     images = np.ascontiguousarray(out[keep][..., :channels].transpose(0, 3, 1, 2))
     return images, keep.tolist(), bad
+
+
+class _MixedSizes(DataError):
+    """Images of several sizes and no --image-size: the caller picks a common side."""
+
+
+def common_side(src: _Source, files: list[str]) -> int:
+    """The side a folder of mixed sizes is resized to: the median shorter side of its
+    images (read from their headers), at most MAX_COMMON_SIDE (VGG's ImageNet size)."""
+    sides = []
+    for rel in files:
+        try:
+            with Image.open(io.BytesIO(_read_or_bad(src, rel))) as img:
+                sides.append(min(img.size))
+        except (_BadImage, OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return int(min(MAX_COMMON_SIDE, max(1, np.median(sides)))) if sides else MAX_COMMON_SIDE
 
 
 def _read_or_bad(src: _Source, rel: str) -> bytes:
@@ -464,7 +489,18 @@ def _decode_and_cache(src: _Source, path: Path, name: str, image_size: int | Non
     labels = np.array([y for _, y in layout.train_files] + [y for _, y in layout.test_files], dtype=np.int64)
     is_test = np.zeros(len(files), dtype=bool)
     is_test[len(layout.train_files):] = True
-    images, keep, bad = _decode_all(src, files, image_size, skip_bad_images, progress)
+    try:
+        images, keep, bad = _decode_all(src, files, image_size, skip_bad_images, progress)
+    except _MixedSizes as exc:
+        if image_size is not None:
+            raise
+        # People's folders (photos) come in every size: resize to a common square, as a
+        # torchvision Resize would, and say so.
+        image_size = common_side(src, files)
+        log.warning("%s; resizing every image to %dx%d (the median shorter side, at most %d): "
+                    "pass --image-size to choose", str(exc).split("; pass")[0], image_size,
+                    image_size, MAX_COMMON_SIDE)
+        images, keep, bad = _decode_all(src, files, image_size, skip_bad_images, progress)
     labels, is_test = labels[keep], is_test[keep]
     for split, mask in (("train", ~is_test), ("test", is_test)):
         if layout.test is None and split == "test":
