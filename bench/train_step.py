@@ -263,7 +263,7 @@ def main(argv=None) -> None:
                     help="per-layer TFLOP/s of VGG-16's convolutions: forward, backward-data, -weights")
     ap.add_argument("--accuracy", action="store_true",
                     help="train fp32 and bf16 on an MNIST subset and compare test accuracy")
-    ap.add_argument("--mnist", default="/work/shared/data/mnist")
+    ap.add_argument("--mnist", default="../shared/data/mnist")
     ap.add_argument("--acc-net", default="vgg11_bn")
     ap.add_argument("--acc-train", type=int, default=6000)
     ap.add_argument("--acc-test", type=int, default=2000)
