@@ -24,7 +24,7 @@ from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.evaluation import plots
 from vggkit.evaluation.evaluator import write_confusion_csv
 from vggkit.evaluation.metrics import confusion_matrix, most_confused
-from vggkit.evaluation.report import duration, pct
+from vggkit.evaluation.report import duration, pct, per_epoch_rows
 from vggkit.evaluation.runs import read_predictions
 from vggkit.runfolder import RunFolder
 
@@ -182,9 +182,8 @@ def _remove_if_empty(folder: Path) -> None:
 def draw_curves(run: Path, summary: dict[str, Any]) -> bytes:
     """Loss and accuracy per epoch from metrics.jsonl; an epoch evaluated on the test split
     (no validation split) has test_* keys instead of val_*."""
-    rows = [r if "val_acc" in r else {**r, "val_loss": r.get("test_loss"),
-                                      "val_acc": r.get("test_acc")}
-            for r in RunFolder(run).read_metrics() if isinstance(r, dict) and "epoch" in r]
+    rows = per_epoch_rows([r for r in RunFolder(run).read_metrics()
+                           if isinstance(r, dict) and "epoch" in r])
     has_val = (summary.get("val_size") or (summary.get("dataset") or {}).get("val") or 0) > 0
     return plots.curves_png([{"label": run.name, "rows": rows,
                               "val_label": "validation" if has_val else "test"}])
