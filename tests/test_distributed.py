@@ -36,10 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None,
+             entry: list[str] = ("-m", "vggkit")) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-           "-m", "vggkit", "train", *args]
+           *entry, "train", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "VGGKIT_DIST_TIMEOUT": "30", **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -119,3 +120,56 @@ def test_sigterm_to_the_group_leaves_one_resumable_checkpoint(tmp_path):
     done = ckpt.meta["epoch"] + 1
     summary = train(TrainConfig(resume=str(run), epochs=done), progress=False)
     assert summary["epochs_completed"] == done
+
+
+# vggkit's CLI with the first decode of a folder slowed down, as a 63 MB JPEG zip is
+SLOW_DECODE = """
+import os, sys, time
+import vggkit.data.sources.folder as folder
+decode_and_cache = folder._decode_and_cache
+def slow_decode_and_cache(*args, **kwargs):
+    time.sleep(float(os.environ["SLOW_DECODE_S"]))
+    return decode_and_cache(*args, **kwargs)
+folder._decode_and_cache = slow_decode_and_cache
+from vggkit.cli import main
+sys.exit(main())
+"""
+
+
+def write_image_zip(path: Path) -> None:
+    """train/ and test/ folders of two classes of 8x8 PNG images, dark and light."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, count in (("train", 24), ("test", 8)):
+            for label, base in (("dark", 40), ("light", 200)):
+                for i in range(count):
+                    pixels = np.clip(base + rng.integers(-30, 30, (8, 8, 3)), 0, 255)
+                    blob = io.BytesIO()
+                    Image.fromarray(pixels.astype(np.uint8)).save(blob, format="PNG")
+                    zf.writestr(f"{split}/{label}/{i}.png", blob.getvalue())
+
+
+def test_a_first_decode_longer_than_the_collective_timeout_trains(tmp_path):
+    """The first decode of a folder zip (8 s here) outlasts VGGKIT_DIST_TIMEOUT (3 s): the
+    rank that waits for it waits on the data group's own long timeout, so the run trains."""
+    source = tmp_path / "shapes.zip"
+    write_image_zip(source)
+    wrapper = tmp_path / "slow_decode_vggkit.py"
+    wrapper.write_text(SLOW_DECODE)
+    run = tmp_path / "slow"
+    args = ["--model", "vgg_compact", "--dataset", f"folder:{source}", "--data-dir",
+            str(tmp_path / "data"), "--image-size", "8", "--batch-size", "8", "--epochs", "1",
+            "--precision", "fp32", "--no-report", "--val-split", "0", "--out", str(run)]
+    proc = torchrun(args, entry=[str(wrapper)],
+                    env={"VGGKIT_DIST_TIMEOUT": "3", "SLOW_DECODE_S": "8"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "cached the decoded images" in err  # the slow first decode did run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["engine"]["world_size"] == 2 and summary["epochs_completed"] == 1
