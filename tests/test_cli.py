@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,23 @@ def test_python_dash_m_runs_the_cli():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().splitlines()[-3:] == [
         "Total params: 33,638,218", "Trainable params: 33,638,218", "Non-trainable params: 0"]
+
+
+@pytest.mark.parametrize("args, code", [
+    (["summary", "vgg16", "--json"], 141), (["recipes"], 141),
+    (["--help"], 0),  # argparse itself ignores the failed write of its help
+])
+def test_a_closed_output_pipe_ends_quietly(args, code):
+    """`vggkit summary vgg16 --json | head`: the reader is gone before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "vggkit", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored"
+    assert proc.returncode == code  # 141 = 128 + SIGPIPE, as a Unix tool ended by the pipe
 
 
 def test_summary_json_and_input_shape(capsys):

@@ -266,6 +266,22 @@ def test_folder_jpeg_resized(tmp_path: Path) -> None:
     T.write_image_folder(src, fmt="JPEG", size=(40, 30), as_zip=True)
     ds = load_dataset(f"folder:{src}", data_dir=tmp_path / "d", image_size=16)
     assert ds.image_shape == (3, 16, 16)
+    # the test images, in reading order, are each JPEG decoded and resized as Pillow does it
+    import io
+
+    from PIL import Image
+
+    with zipfile.ZipFile(src) as zf:
+        names = sorted(n for n in zf.namelist() if n.startswith("test/"))
+        expected = []
+        for name in names:
+            with Image.open(io.BytesIO(zf.read(name))) as img:
+                img.draft("RGB", (16, 16))
+                small = img.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)
+            expected.append(np.asarray(small).transpose(2, 0, 1))
+    assert ds.x_test.dtype == torch.uint8
+    assert torch.equal(ds.x_test, torch.from_numpy(np.stack(expected)))
+    assert ds.y_test.tolist() == [0, 0, 1, 1, 2, 2]  # cat, dog, eel: two test images each
 
 
 def test_folder_mixed_sizes_are_resized_to_the_median_side(tmp_path: Path, caplog) -> None:

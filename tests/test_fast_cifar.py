@@ -124,7 +124,6 @@ def test_norm_parameters_get_scaled_rate_and_divided_decay():
     config = TrainConfig(model="vgg_airbench", lr=1.5, weight_decay=1e-3, norm_lr_scale=64.0,
                          decay_all=True)
     opt = build_optimizer(model, config, config.lr)
-    by_size = {len(g["params"]): g for g in opt.param_groups}
     norm = [g for g in opt.param_groups if g.get("lr_scale") == 64.0]
     assert len(norm) == 1 and len(norm[0]["params"]) == 6  # the six BatchNorm biases
     assert norm[0]["lr"] == pytest.approx(96.0)
@@ -136,7 +135,8 @@ def test_norm_parameters_get_scaled_rate_and_divided_decay():
     set_lr(opt, 0.5)
     assert norm[0]["lr"] == pytest.approx(32.0)
     assert all(g["lr"] == pytest.approx(0.5) for g in opt.param_groups if g is not norm[0])
-    assert by_size  # groups exist
+    # two groups: the stem bias and the weights, decayed; the BatchNorm biases, scaled
+    assert sorted(len(g["params"]) for g in opt.param_groups) == [6, 8]
     # The default keeps the historic two groups: weights decayed, biases and BN not.
     plain = build_optimizer(create_model("vgg11_bn"), TrainConfig(), 0.1)
     assert [g["weight_decay"] for g in plain.param_groups] == [5e-4, 0.0]
@@ -215,7 +215,7 @@ def test_tiny_recipe_run_learns_and_reports(tmp_path):
     summary = train(tiny(tmp_path), progress=False)
     assert summary["tta"] and summary["tta_translate"] == 1
     assert summary["epochs_completed"] == 2
-    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["wall_seconds"] > 0
+    assert summary["test_acc"] > 0.3 and summary["wall_seconds"] > 0  # 10 classes: learning
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["train_samples"] == 320 // 64 * 64 for r in rows)  # drop_last
