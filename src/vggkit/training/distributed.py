@@ -34,8 +34,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def _env_seconds(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
 def timeout_seconds() -> int:
-    return int(os.environ.get("VGGKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    return _env_seconds("VGGKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -89,7 +93,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def data_timeout_seconds() -> int:
-    return int(os.environ.get("VGGKIT_DATA_TIMEOUT", DEFAULT_DATA_TIMEOUT_S))
+    return _env_seconds("VGGKIT_DATA_TIMEOUT", DEFAULT_DATA_TIMEOUT_S)
 
 
 def data_wait_group(info: DistInfo):
