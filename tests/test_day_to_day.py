@@ -75,8 +75,8 @@ def test_a_piped_run_prints_progress_lines(tmp_path):
 def test_a_sweep_killed_mid_run_resumes_that_run(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["sweep", "--vary", "lr=0.05,0.02", "--model", "vgg_compact", "--image-size", "8",
-            "--epochs", "6", "--schedule", "constant", "--precision", "fp32", "--no-report",
-            "--out", str(sweep)]
+            "--epochs", "4", "--subset", "400", "--schedule", "constant", "--precision",
+            "fp32", "--no-report", "--out", str(sweep)]
     proc = cli(args)
     metrics = sweep / "01-lr-0.05" / "metrics.jsonl"
     deadline = time.time() + 180
@@ -85,14 +85,14 @@ def test_a_sweep_killed_mid_run_resumes_that_run(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = read_metrics(metrics)
-    if not before or len(before) >= 6:
+    if not before or len(before) >= 4:
         pytest.skip("the sweep was not caught mid-run on this machine")
     proc = cli(args)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert "resuming the interrupted attempt" in err
     after = read_metrics(metrics)
-    assert [r["epoch"] for r in after] == list(range(1, 7))
+    assert [r["epoch"] for r in after] == list(range(1, 5))
     assert after[0] == before[0]  # the first epoch was kept, not trained again
     manifest = json.loads((sweep / "sweep.json").read_text())
     assert all(r["status"] == "done" for r in manifest["runs"])

@@ -173,3 +173,21 @@ def test_a_first_decode_longer_than_the_collective_timeout_trains(tmp_path):
     assert "cached the decoded images" in err  # the slow first decode did run
     summary = json.loads((run / "summary.json").read_text())
     assert summary["engine"]["world_size"] == 2 and summary["epochs_completed"] == 1
+
+
+@pytest.mark.parametrize("name", ["VGGKIT_DIST_TIMEOUT", "VGGKIT_DATA_TIMEOUT"])
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5"])
+def test_a_malformed_timeout_variable_is_a_one_line_error_naming_it(monkeypatch, name, value):
+    from vggkit.errors import UsageError
+    from vggkit.training import distributed as D
+
+    read = {"VGGKIT_DIST_TIMEOUT": D.timeout_seconds,
+            "VGGKIT_DATA_TIMEOUT": D.data_timeout_seconds}[name]
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=rf"\${name}='{value}'"):
+        read()
+    monkeypatch.setenv(name, " 45 ")
+    assert read() == 45
+    monkeypatch.delenv(name)
+    assert read() == {"VGGKIT_DIST_TIMEOUT": D.DEFAULT_TIMEOUT_S,
+                      "VGGKIT_DATA_TIMEOUT": D.DEFAULT_DATA_TIMEOUT_S}[name]

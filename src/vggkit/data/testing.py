@@ -70,8 +70,40 @@ def py2_pickle(obj: Any) -> bytes:
 
 # --- CIFAR ------------------------------------------------------------------------------------
 
+def stripe_images(labels: np.ndarray, *, size: int = 32, channels: int = 3,
+                  rng: np.random.Generator) -> np.ndarray:
+    """uint8 (N, channels, size, size): stripes 4 pixels wide, vertical for label 0 and
+    horizontal for label 1, at a random phase, contrast and tint, with noise. Crops, flips,
+    cutout and resizing to a quarter of the side keep the class, and neither the brightness nor
+    the colour tells it: a network that learns anything learns the orientation."""
+    n = len(labels)
+    phase = rng.integers(0, 8, n)[:, None, None]
+    rows = np.arange(size)[None, :, None]
+    cols = np.arange(size)[None, None, :]
+    along = np.where(np.asarray(labels)[:, None, None] == 0, cols, rows)
+    bright = ((along + phase) % 8 < 4)[:, None]  # (N, 1, size, size)
+    low = rng.integers(0, 40, (n, 1, 1, 1))
+    high = rng.integers(215, 256, (n, 1, 1, 1))
+    noise = rng.integers(-10, 11, (n, channels, size, size))
+    return np.clip(np.where(bright, high, low) + noise, 0, 255).astype(np.uint8)
+
+
+def stripe_labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Labels 0 and 1, balanced, in random order (the two classes of :func:`stripe_images`)."""
+    return rng.permutation(np.arange(n) % 2).astype(np.int64)
+
+
 def _rng_images(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
+
+
+def _cifar_images(rng: np.random.Generator, n: int, classes: int,
+                  stripes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3072) uint8 rows and (N,) labels: noise with random labels, or learnable stripes."""
+    if stripes:
+        labels = stripe_labels(rng, n)
+        return stripe_images(labels, rng=rng).reshape(n, -1), labels
+    return _rng_images(rng, n), rng.integers(0, classes, n)
 
 
 def _pack(members: dict[str, bytes], out: Path) -> None:
@@ -82,19 +114,23 @@ def _pack(members: dict[str, bytes], out: Path) -> None:
             tar.addfile(info, io.BytesIO(blob))
 
 
-def cifar10_files(n_per_batch: int = 20, n_test: int = 20, seed: int = 0) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
-    """Member name -> bytes of a tiny CIFAR-10 (official names, Python 2 pickles), and the arrays."""
+def cifar10_files(n_per_batch: int = 20, n_test: int = 20, seed: int = 0, stripes: bool = False
+                  ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """Member name -> bytes of a tiny CIFAR-10 (official names, Python 2 pickles), and the
+    arrays: noise with random labels, or with ``stripes`` the two-class :func:`stripe_images`."""
     rng = np.random.default_rng(seed)
     members: dict[str, bytes] = {}
     xs, ys = [], []
     for i, name in enumerate(CIFAR10.train):
-        x, y = _rng_images(rng, n_per_batch), rng.integers(0, 10, n_per_batch).tolist()
+        x, y = _cifar_images(rng, n_per_batch, 10, stripes)
+        y = y.tolist()
         xs.append(x)
         ys.extend(y)
         members[f"{CIFAR10.folder}/{name}"] = py2_pickle(
             {"batch_label": f"training batch {i + 1} of 5", "labels": y, "data": x,
              "filenames": [f"img_{i}_{j}.png" for j in range(n_per_batch)]})
-    xt, yt = _rng_images(rng, n_test), rng.integers(0, 10, n_test).tolist()
+    xt, yt = _cifar_images(rng, n_test, 10, stripes)
+    yt = yt.tolist()
     members[f"{CIFAR10.folder}/{CIFAR10.test}"] = py2_pickle(
         {"batch_label": "testing batch 1 of 1", "labels": yt, "data": xt,
          "filenames": [f"test_{j}.png" for j in range(n_test)]})
@@ -105,7 +141,8 @@ def cifar10_files(n_per_batch: int = 20, n_test: int = 20, seed: int = 0) -> tup
     return members, arrays
 
 
-def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0, stripes: bool = False
+                   ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
     """Member name -> bytes of a tiny CIFAR-100 (fine and coarse labels), and the arrays."""
     rng = np.random.default_rng(seed)
     fine_names = [f"fine{i:02d}" for i in range(100)]
@@ -113,8 +150,7 @@ def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0) -> tuple[
     members: dict[str, bytes] = {}
     arrays: dict[str, np.ndarray] = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        x = _rng_images(rng, n)
-        fine = rng.integers(0, 100, n)
+        x, fine = _cifar_images(rng, n, 100, stripes)
         coarse = fine // 5
         members[f"{CIFAR100.folder}/{split}"] = py2_pickle(
             {"filenames": [f"{split}_{j}.png" for j in range(n)], "batch_label": f"{split} batch",
@@ -126,9 +162,12 @@ def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0) -> tuple[
     return members, arrays
 
 
-def write_cifar(data_dir: Path, which: str = "cifar10", *, archive: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny CIFAR-10/100 into ``data_dir`` as the official .tar.gz (or extracted folder)."""
-    members, arrays = cifar10_files(seed=seed) if which == "cifar10" else cifar100_files(seed=seed)
+def write_cifar(data_dir: Path, which: str = "cifar10", *, archive: bool = True, seed: int = 0,
+                stripes: bool = False, **sizes: int) -> dict[str, np.ndarray]:
+    """Write a tiny CIFAR-10/100 into ``data_dir`` as the official .tar.gz (or extracted folder);
+    ``sizes`` are the image counts of :func:`cifar10_files` or :func:`cifar100_files`."""
+    files = cifar10_files if which == "cifar10" else cifar100_files
+    members, arrays = files(seed=seed, stripes=stripes, **sizes)
     layout = CIFAR10 if which == "cifar10" else CIFAR100
     data_dir.mkdir(parents=True, exist_ok=True)
     if archive:
@@ -161,15 +200,20 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def mnist_files(n_train: int = 60, n_test: int = 20, size: int = 28, seed: int = 0,
-                gz: bool = True) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
-    """File name -> bytes of the four IDX files (gzipped by default), and the arrays."""
+                gz: bool = True, stripes: bool = False
+                ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """File name -> bytes of the four IDX files (gzipped by default), and the arrays: noise
+    with random labels, or with ``stripes`` the two-class :func:`stripe_images`."""
     rng = np.random.default_rng(seed)
-    arrays = {
-        "x_train": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
-        "y_train": rng.integers(0, 10, n_train).astype(np.int64),
-        "x_test": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
-        "y_test": rng.integers(0, 10, n_test).astype(np.int64),
-    }
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        if stripes:
+            labels = stripe_labels(rng, n)
+            images = stripe_images(labels, size=size, channels=1, rng=rng)[:, 0]
+        else:
+            images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+            labels = rng.integers(0, 10, n).astype(np.int64)
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
     files = {}
     for key, name in (("x_train", IDX_FILES["train_images"]), ("y_train", IDX_FILES["train_labels"]),
                       ("x_test", IDX_FILES["test_images"]), ("y_test", IDX_FILES["test_labels"])):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vggkit.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 # Seconds a collective may wait for a missing rank. Overridable for slow clusters.
@@ -35,7 +37,16 @@ class DistInfo:
 
 
 def _env_seconds(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise UsageError(f"${name}={raw!r}: must be a whole number of seconds above 0")
+    return seconds
 
 
 def timeout_seconds() -> int:
