@@ -73,7 +73,7 @@ def py2_pickle(obj: Any) -> bytes:
 def stripe_images(labels: np.ndarray, *, size: int = 32, channels: int = 3,
                   rng: np.random.Generator) -> np.ndarray:
     """uint8 (N, channels, size, size): stripes 4 pixels wide, vertical for label 0 and
-    horizontal for label 1, at a random phase, contrast and tint, with noise. Crops, flips,
+    horizontal for label 1, at a random phase and contrast, with noise. Crops, flips,
     cutout and resizing to a quarter of the side keep the class, and neither the brightness nor
     the colour tells it: a network that learns anything learns the orientation."""
     n = len(labels)
