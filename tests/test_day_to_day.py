@@ -64,8 +64,8 @@ def test_a_folder_of_photos_in_many_formats_and_sizes_trains_with_no_flag(tmp_pa
 
 def test_a_piped_run_prints_progress_lines(tmp_path):
     proc = cli(["train", "--model", "vgg_compact", "--image-size", "32", "--epochs", "1",
-                "--batch-size", "16", "--precision", "fp32", "--no-report", "--log-every",
-                "0.2", "--out", str(tmp_path / "run")])
+                "--subset", "800", "--batch-size", "16", "--precision", "fp32", "--no-report",
+                "--log-every", "0.2", "--out", str(tmp_path / "run")])
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     lines = [line for line in err.splitlines() if " step " in line]
