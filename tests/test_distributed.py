@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from vggkit.config import TrainConfig
+from vggkit.errors import UsageError
+from vggkit.training import distributed as D
 from vggkit.training.checkpoint import load_checkpoint
 from vggkit.runfolder import read_metrics
 from vggkit.workflow import train
@@ -178,9 +180,6 @@ def test_a_first_decode_longer_than_the_collective_timeout_trains(tmp_path):
 @pytest.mark.parametrize("name", ["VGGKIT_DIST_TIMEOUT", "VGGKIT_DATA_TIMEOUT"])
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5"])
 def test_a_malformed_timeout_variable_is_a_one_line_error_naming_it(monkeypatch, name, value):
-    from vggkit.errors import UsageError
-    from vggkit.training import distributed as D
-
     read = {"VGGKIT_DIST_TIMEOUT": D.timeout_seconds,
             "VGGKIT_DATA_TIMEOUT": D.data_timeout_seconds}[name]
     monkeypatch.setenv(name, value)
