@@ -143,11 +143,35 @@ def test_rows_follow_order_then_name(run, tmp_path):
     results.collect(run, "c", experiment="exp C", into=tmp_path)
     assert yaml.safe_load((tmp_path / "c" / "experiment.yaml").read_text()) == {
         "experiment": "exp C", "order": 1, "note": "first"}
-    firsts = [cells(r)[0] for r in table_rows(results.build_table(tmp_path))[1:]]
+    main_table = results.build_table(tmp_path).split("Repeated runs")[0]  # a, b, c repeat
+    firsts = [cells(r)[0] for r in table_rows(main_table)[1:]]
     assert firsts == ["exp C", "exp a", "exp b"]
     (tmp_path / "a" / "experiment.yaml").write_text("experiment: exp a\norder: first\n")
     with pytest.raises(UsageError, match=r"a/experiment.yaml: order must be a number"):
         results.build_table(tmp_path)
+
+
+def test_runs_that_differ_only_in_seed_get_their_spread(run, tmp_path):
+    # name: (seed, test accuracy, seconds of learning); "other" halves the rate
+    made = {"s0": (0, 0.5, 60.0), "s1": (1, 0.6, 120.0), "s2": (2, 0.7, 180.0),
+            "other": (0, 0.9, 60.0)}
+    for name, (seed, acc, seconds) in made.items():
+        folder = results.collect(run, name, into=tmp_path)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config.update(seed=seed, out=f"runs/{name}")
+        if name == "other":
+            config["lr"] = config["lr"] / 2  # another experiment, whatever its seed
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(test_acc=acc, train_seconds=seconds)
+        (folder / "summary.json").write_text(json.dumps(summary))
+    repeats = results.build_table(tmp_path).split("Repeated runs")[1]
+    rows = [cells(r) for r in table_rows(repeats)[1:]]
+    assert rows == [["s0 (0), s1 (1), s2 (2): 3 runs", "60.00% ± 10.00", "50.00% – 70.00%",
+                     "2 min 00.0 s"]]
+    shutil.rmtree(tmp_path / "s1")
+    shutil.rmtree(tmp_path / "s2")
+    assert "Repeated runs" not in results.build_table(tmp_path)  # one run is not a spread
 
 
 def test_readme_block_replaced_then_checked(project, capsys):

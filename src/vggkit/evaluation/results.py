@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,8 @@ def build_table(folder: str | Path, link_base: str | Path = ".") -> str:
     for run in runs:
         cells = table_row(run, link_base)
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines)
+    repeats = repeats_table(runs)
+    return "\n".join(lines) + (f"\n\n{repeats}" if repeats else "")
 
 
 def table_row(run: Path, link_base: str | Path) -> list[str]:
@@ -273,6 +275,45 @@ def table_row(run: Path, link_base: str | Path) -> list[str]:
             _test_accuracy(s), _best(s), _or_none(s.get("train_seconds"), duration),
             _or_none(s.get("images_per_second"), lambda v: f"{v:,.0f}"), _machine(s),
             _load(s), _or_none(s.get("command"), _code), _links(run, link_base)]
+
+
+# Config keys that say where a run went or how it talked, not what it learned: runs that
+# differ only in these (and the seed) repeat one experiment.
+BOOKKEEPING = ("seed", "out", "overwrite", "resume", "log_every", "tensorboard", "report")
+REPEAT_HEADERS = ["runs (seed)", "test accuracy, mean ± s.d.", "lowest – highest",
+                  "time of learning, mean"]
+
+
+def repeats_table(runs: list[Path]) -> str:
+    """One row per configuration run more than once (other seeds): the spread of its test
+    accuracy. Empty when nothing was repeated."""
+    groups: dict[str, list[Path]] = {}
+    for run in runs:
+        config = _config(run)
+        if config is not None:
+            key = yaml.safe_dump({k: v for k, v in config.items() if k not in BOOKKEEPING})
+            groups.setdefault(key, []).append(run)
+    rows = [_repeat_row(group) for group in groups.values() if len(group) > 1]
+    rows = [row for row in rows if row]
+    if not rows:
+        return ""
+    lines = ["Repeated runs (one configuration, several seeds; s.d. is the sample standard "
+             "deviation, in points):", "",
+             "| " + " | ".join(REPEAT_HEADERS) + " |", "|" + " --- |" * len(REPEAT_HEADERS)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _repeat_row(group: list[Path]) -> list[str] | None:
+    summaries = [_read_summary(RunFolder(run).summary_path) for run in group]
+    accs = [s["test_acc"] for s in summaries if s.get("test_acc") is not None]
+    if len(accs) < 2:
+        return None
+    names = ", ".join(f"{run.name} ({(_config(run) or {}).get('seed', NONE)})" for run in group)
+    spread = f"{pct(statistics.mean(accs))} ± {100 * statistics.stdev(accs):.2f}"
+    times = [s["train_seconds"] for s in summaries if s.get("train_seconds") is not None]
+    return [f"{names}: {len(accs)} runs", spread, f"{pct(min(accs))} – {pct(max(accs))}",
+            duration(statistics.mean(times)) if times else NONE]
 
 
 def _or_none(value: Any, fmt) -> str:
@@ -293,12 +334,16 @@ def _dataset(s: dict[str, Any]) -> str:
     return f"{d.get('name', NONE)} ({sizes})"
 
 
-def _configured_epochs(run: Path) -> int | None:
+def _config(run: Path) -> dict[str, Any] | None:
     try:
         config = yaml.safe_load((run / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return None  # the column then shows the completed epochs only
-    epochs = config.get("epochs") if isinstance(config, dict) else None
+        return None  # the table then leaves out what only the config says
+    return config if isinstance(config, dict) else None
+
+
+def _configured_epochs(run: Path) -> int | None:
+    epochs = (_config(run) or {}).get("epochs")
     return epochs if isinstance(epochs, int) else None
 
 
