@@ -287,13 +287,13 @@ REPEAT_HEADERS = ["runs (seed)", "test accuracy, mean ± s.d.", "lowest – high
 def repeats_table(runs: list[Path]) -> str:
     """One row per configuration run more than once (other seeds): the spread of its test
     accuracy. Empty when nothing was repeated."""
+    configs = {run: _config(run) for run in runs}
     groups: dict[str, list[Path]] = {}
-    for run in runs:
-        config = _config(run)
+    for run, config in configs.items():
         if config is not None:
             key = yaml.safe_dump({k: v for k, v in config.items() if k not in BOOKKEEPING})
             groups.setdefault(key, []).append(run)
-    rows = [_repeat_row(group) for group in groups.values() if len(group) > 1]
+    rows = [_repeat_row(group, configs) for group in groups.values() if len(group) > 1]
     rows = [row for row in rows if row]
     if not rows:
         return ""
@@ -304,12 +304,12 @@ def repeats_table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def _repeat_row(group: list[Path]) -> list[str] | None:
+def _repeat_row(group: list[Path], configs: dict[Path, dict[str, Any]]) -> list[str] | None:
     summaries = [_read_summary(RunFolder(run).summary_path) for run in group]
     accs = [s["test_acc"] for s in summaries if s.get("test_acc") is not None]
     if len(accs) < 2:
         return None
-    names = ", ".join(f"{run.name} ({(_config(run) or {}).get('seed', NONE)})" for run in group)
+    names = ", ".join(f"{run.name} ({configs[run].get('seed', NONE)})" for run in group)
     spread = f"{pct(statistics.mean(accs))} ± {100 * statistics.stdev(accs):.2f}"
     times = [s["train_seconds"] for s in summaries if s.get("train_seconds") is not None]
     return [f"{names}: {len(accs)} runs", spread, f"{pct(min(accs))} – {pct(max(accs))}",
