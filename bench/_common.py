@@ -99,10 +99,24 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def machine_kind() -> str:
+    """The kind of CPU the development pool draws, as it matters for speed: AMX tiles, AVX512-BF16
+    alone, or neither (fp32). Recorded blocks are kept per kind, so a run on one kind never
+    overwrites another kind's figures."""
+    from vggkit.training.engine import cpu_flags
+
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "amx-bf16"
+    return "avx512-bf16" if "avx512_bf16" in flags else "fp32-only"
+
+
 def record(section: str, body: str) -> None:
-    """Replace (or append) the generated block for ``section`` in docs/benchmarks.md, between
-    ``<!-- bench:section:begin -->`` and ``<!-- bench:section:end -->`` markers; prose around
-    the markers is left as written."""
+    """Replace (or add) the generated block for ``section`` on this kind of CPU in
+    docs/benchmarks.md, between ``<!-- bench:section.kind:begin -->`` and
+    ``<!-- bench:section.kind:end -->`` markers; prose around the markers is left as written.
+    A kind's first block goes right after the same section's blocks of other kinds."""
+    section = f"{section}.{machine_kind()}"
     begin, end = f"<!-- bench:{section}:begin -->", f"<!-- bench:{section}:end -->"
     block = f"{begin}\n{body.strip()}\n{end}"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
@@ -111,7 +125,13 @@ def record(section: str, body: str) -> None:
         _, post = rest.split(end, 1)
         text = pre + block + post
     else:
-        text = text.rstrip() + f"\n\n## {section}\n\n{block}\n"
+        base = section.rsplit(".", 1)[0]
+        others = list(re.finditer(rf"<!-- bench:{re.escape(base)}\.[\w-]+:end -->", text))
+        if others:
+            at = others[-1].end()
+            text = text[:at] + f"\n\n{block}" + text[at:]
+        else:
+            text = text.rstrip() + f"\n\n## {base}\n\n{block}\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
     print(f"recorded in {os.path.relpath(DOC, ROOT)} (section {section})")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -243,3 +246,14 @@ def test_the_scaler_skips_a_step_whose_gradients_overflowed():
     scaler.step(opt)
     scaler.update()
     assert not torch.equal(model.weight, before)
+
+
+def test_engine_keeps_freed_memory_unless_the_user_set_the_allocator(monkeypatch):
+    from vggkit.training.engine import keep_freed_memory
+
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory.__wrapped__() is True  # mallopt accepted both settings
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert keep_freed_memory.__wrapped__() is False  # the user's choice wins

@@ -15,14 +15,18 @@ On a CPU with native bf16 (AMX-BF16 or AVX512-BF16) ``--precision auto`` picks b
 with channels_last, and :class:`FastConv2d`, which computes the weight gradient of 3x3
 convolutions on maps of at most 4x4 as one bf16 matmul instead of oneDNN's slow kernel there.
 fp32 runs the stock modules and stays bit-for-bit deterministic. Measurements and what did not
-help (bf16 weights with master copies, torch.compile, allocator settings): docs/benchmarks.md.
+help (bf16 weights with master copies, torch.compile): docs/benchmarks.md. On CPU the engine
+also keeps freed memory in the process (:func:`keep_freed_memory`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -248,11 +252,35 @@ class Engine:
         }
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed memory instead of handing it back to the kernel at once.
+
+    By default glibc serves every block above 128 KiB-32 MiB with its own mmap and trims the
+    heap's free top, so each training step maps, zero-fills and unmaps its activations
+    again. Keeping them (what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` do, set here
+    at run time) made the VGG-16-BN bf16 step ~10% faster on the AMX Xeon
+    (docs/benchmarks.md); the cost is that the process keeps its peak memory. Skipped off
+    glibc, or when the user set either variable."""
+    if sys.platform != "linux" or "MALLOC_MMAP_MAX_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def make_engine(device: str, precision: str, channels_last: bool, compile: bool,
                 threads: int | None = None) -> Engine:
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     chosen, why = resolve_precision(precision, dev)
     return Engine(dev, chosen, channels_last, compile, why)
 
