@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,13 @@ def tiny_config(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_sweep_over_two_values_writes_two_runs_and_one_report(tmp_path, capsys):
+def test_sweep_over_two_values_writes_two_runs_and_one_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     every_digit = TINY[:TINY.index("--subset")]  # ~1,300 training images: ~20 steps an epoch
-    code = main(["sweep", *every_digit, "--epochs", str(LEARN_EPOCHS), "--schedule",
-                 "constant", "--vary", "lr=0.05,0.02", "--out", str(out)])
+    args = ["sweep", *every_digit, "--epochs", str(LEARN_EPOCHS), "--schedule",
+            "constant", "--vary", "lr=0.05,0.02", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["vggkit", *args])
+    code = main(args)
     assert code == 0
     runs = sorted(p for p in out.iterdir() if p.is_dir() and p.name != "report_files")
     assert [p.name for p in runs] == ["01-lr-0.05", "02-lr-0.02"]
@@ -43,6 +47,8 @@ def test_sweep_over_two_values_writes_two_runs_and_one_report(tmp_path, capsys):
         assert summary["test_acc"] >= 0.5, f"lr {lr}: {summary['test_acc']:.0%}"
         assert summary["epochs_completed"] == LEARN_EPOCHS
         assert read_metrics(run / "metrics.jsonl")[0]["lr"] == pytest.approx(lr)
+        # each run names the command that made it (a results row quotes it)
+        assert summary["command"] == "vggkit " + shlex.join(args)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     md = (out / "report.md").read_text()
     assert "01-lr-0.05" in md and "02-lr-0.02" in md

@@ -87,7 +87,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
     config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
     result = run_sweep(config, args.vary, recipe=args.recipe, chain=args.chain,
-                       progress=not args.quiet)
+                       progress=not args.quiet, command=command_line("sweep"))
     print_json(result) if args.json else print(format_sweep(result))
     return 1 if result["failed"] else 0
 

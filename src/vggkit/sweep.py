@@ -180,7 +180,8 @@ def _copy_run(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=copy)
 
 
-def _continue_run(run: SweepRun, folder: Path, progress: bool) -> dict[str, Any]:
+def _continue_run(run: SweepRun, folder: Path, progress: bool,
+                  command: str | None) -> dict[str, Any]:
     """Copy the previous run of the chain and resume the copy to this run's epochs."""
     from vggkit.workflow import train
 
@@ -193,7 +194,7 @@ def _continue_run(run: SweepRun, folder: Path, progress: bool) -> dict[str, Any]
             raise VggkitError(f"sweep: {src} does not continue into {run.name} ({key} differs)")
     saved.update(epochs=run.config.epochs, out=str(dst))
     RunFolder(dst).write_config(yaml.safe_dump(saved, sort_keys=False))
-    return train(TrainConfig(resume=str(dst)), progress=progress)
+    return train(TrainConfig(resume=str(dst)), progress=progress, command=command)
 
 
 def _same_config(run: SweepRun) -> bool:
@@ -233,9 +234,12 @@ def _write_manifest(folder: Path, runs: list[SweepRun], vary: list[tuple[str, li
 
 
 def run_sweep(base: TrainConfig, vary_items: list[str], *, recipe: str | None = None,
-              chain: bool = True, progress: bool = True) -> dict[str, Any]:
+              chain: bool = True, progress: bool = True,
+              command: str | None = None) -> dict[str, Any]:
     """Plan, validate and run the sweep; returns ``{"folder", "runs", "report", "failed"}``.
-    ``base.out`` is the sweep folder (default ``runs/sweep-<recipe>-<keys>-<time>``)."""
+    ``base.out`` is the sweep folder (default ``runs/sweep-<recipe>-<keys>-<time>``).
+    ``command``: the sweep's command line, recorded in every run's summary.json (each run
+    is reproduced by it, so a results row can quote it)."""
     from vggkit.training.trainer import TrainingInterrupted
     from vggkit.workflow import train
 
@@ -272,13 +276,14 @@ def run_sweep(base: TrainConfig, vary_items: list[str], *, recipe: str | None = 
         try:
             if _interrupted(run):
                 log.info("%s: resuming the interrupted attempt", run.name)
-                run.summary = train(TrainConfig(resume=run.config.out), progress=progress)
+                run.summary = train(TrainConfig(resume=run.config.out), progress=progress,
+                                    command=command)
             elif run.chained_from:
-                run.summary = _continue_run(run, folder, progress)
+                run.summary = _continue_run(run, folder, progress, command)
             else:
                 if Path(run.config.out).exists():
                     shutil.rmtree(run.config.out)  # a failed or different earlier attempt
-                run.summary = train(run.config, progress=progress)
+                run.summary = train(run.config, progress=progress, command=command)
             run.status = "done"
         except (TrainingInterrupted, KeyboardInterrupt) as exc:
             run.status, run.error = "failed", f"interrupted: {exc}"
