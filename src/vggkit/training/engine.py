@@ -261,10 +261,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every block above 128 KiB-32 MiB with its own mmap and trims the
     heap's free top, so each training step maps, zero-fills and unmaps its activations
-    again. Keeping them (what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` do, set here
-    at run time) made the VGG-16-BN bf16 step ~10% faster on the AMX Xeon
-    (docs/benchmarks.md); the cost is that the process keeps its peak memory. Skipped off
-    glibc, or when the user set either variable."""
+    again. Keeping them is what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` do; set at
+    process start they made the VGG-16-BN bf16 step ~10% faster on the AMX Xeon, set here at
+    run time ~4% (docs/benchmarks.md). The cost: the process keeps its peak memory. Skipped
+    off glibc, or when the user set either variable."""
     if sys.platform != "linux" or "MALLOC_MMAP_MAX_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
     try:
