@@ -172,10 +172,13 @@ def test_every_other_recipe_trains_one_epoch_on_its_dataset_format(name, data_di
 @pytest.mark.parametrize("name", sorted(LEARN_EPOCHS))
 def test_recipes_learn_the_two_classes(name, data_dir, tmp_path):
     """Batch 10. SGD's rate is scaled to the smaller batch (the linear scaling rule: the
-    recipe's rate per image); Adam's is not, as its steps do not grow with the batch."""
+    recipe's rate per image); Adam's is not, as its steps do not grow with the batch. fp32,
+    so the margin does not depend on the CPU drawn: in bf16 on an AMX Xeon the 3-epoch
+    fashion-mnist-vgg run reached only 70% (the bf16 path's accuracy has its own test)."""
     base = resolve_config(recipe=name)
     lr = base.lr * BATCH / base.batch_size if base.optimizer == "sgd" else base.lr
-    _, summary = recipe_run(name, data_dir, tmp_path / "run", epochs=LEARN_EPOCHS[name], lr=lr)
+    _, summary = recipe_run(name, data_dir, tmp_path / "run", epochs=LEARN_EPOCHS[name], lr=lr,
+                            precision="fp32")
     assert summary["epochs_completed"] == LEARN_EPOCHS[name]
     check_run(name, base, summary, tmp_path / "run")
     assert summary["test_acc"] >= LEARNED, f"{name}: {summary['test_acc']:.0%} on two classes"
