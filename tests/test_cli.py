@@ -109,3 +109,21 @@ def test_verbose_and_quiet_on_every_command():
     for name, parser in sub.choices.items():
         flags = {o for a in parser._actions for o in a.option_strings}
         assert {"--verbose", "--quiet", "--debug"} <= flags, name
+
+
+def test_logs_follow_stderr_after_the_command_returns():
+    """The CLI's log handler writes to the stderr of the moment: after an in-process
+    ``main()`` whose stderr was since closed (pytest's capture did), a later log reached
+    a closed file and printed "--- Logging error ---" with a traceback instead."""
+    import contextlib
+    import io
+    import logging
+
+    first = io.StringIO()
+    with contextlib.redirect_stderr(first):
+        assert main(["models"]) == 0
+    first.close()
+    later = io.StringIO()
+    with contextlib.redirect_stderr(later):
+        logging.getLogger("vggkit.train").warning("epoch 1/1 done")
+    assert later.getvalue() == "epoch 1/1 done\n"
