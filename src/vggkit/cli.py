@@ -56,15 +56,12 @@ class StderrHandler(logging.StreamHandler):
     that replaces stderr later (pytest's capture, ``redirect_stderr``, a notebook) gets the
     logs, and a closed old stream is never written to."""
 
-    def __init__(self) -> None:
-        logging.Handler.__init__(self)
-
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.setStream; the live stderr wins
+    def stream(self, value) -> None:  # what StreamHandler's __init__ is given: unused
         pass
 
 
