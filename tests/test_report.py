@@ -112,6 +112,15 @@ def test_report_tables_hold_the_run_figures(runs):
     assert f"<td>macro average</td>" in page and f'<td class="num">{len(labels):,}</td>' in page
 
 
+@pytest.mark.parametrize("seconds, shown", [
+    (None, "n/a"), (12.34, "12.3 s"), (59.97, "1 min 00.0 s"), (61.5, "1 min 01.5 s"),
+    (3599.97, "1 h 00 min"), (3690.0, "1 h 02 min"), (4498.6, "1 h 15 min"), (5369.0, "1 h 29 min"),
+])
+def test_durations_round_to_the_unit_shown_never_truncate(seconds, shown):
+    # The results table once showed 4,498.6 s (74.98 min) as "1 h 14 min".
+    assert report.duration(seconds) == shown
+
+
 def test_comparison_report_has_a_table_and_overlaid_curves(comparison):
     html_path, md_path = comparison
     assert (html_path.name, md_path.name) == ("report.html", "report.md")

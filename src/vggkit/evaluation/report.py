@@ -86,14 +86,16 @@ Block = Heading | Para | Table | Image | Pre | Items
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, sec = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{int(minutes)} min {sec:04.1f} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{int(hours)} h {int(minutes):02d} min"
+    # Round once, to the unit shown, so 4,498.6 s reads "1 h 15 min" (not 14) and 59.97 s
+    # reads "1 min 00.0 s" (not "60.0 s").
+    tenths = round(float(seconds) * 10)
+    if tenths < 600:
+        return f"{tenths / 10:.1f} s"
+    if tenths < 36000:
+        minutes, tenths = divmod(tenths, 600)
+        return f"{minutes} min {tenths / 10:04.1f} s"
+    hours, minutes = divmod(round(float(seconds) / 60), 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def pct(value: float | None) -> str:
