@@ -88,6 +88,22 @@ def stripe_images(labels: np.ndarray, *, size: int = 32, channels: int = 3,
     return np.clip(np.where(bright, high, low) + noise, 0, 255).astype(np.uint8)
 
 
+def brightness_images(labels: np.ndarray, *, size: int = 32, channels: int = 3,
+                      rng: np.random.Generator) -> np.ndarray:
+    """uint8 (N, channels, size, size): dark (label 0) or bright (label 1) noisy images, the
+    easiest two classes there are. A plain (BatchNorm-free) VGG leaves chance on them within a
+    few dozen steps, where stripes take it hundreds (docs/reliability.md)."""
+    base = np.where(np.asarray(labels)[:, None, None, None] == 0,
+                    rng.integers(20, 80, (len(labels), 1, 1, 1)),
+                    rng.integers(175, 235, (len(labels), 1, 1, 1)))
+    noise = rng.integers(-20, 21, (len(labels), channels, size, size))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def two_class_images(labels: np.ndarray, pattern: str, **kw: Any) -> np.ndarray:
+    return (brightness_images if pattern == "brightness" else stripe_images)(labels, **kw)
+
+
 def stripe_labels(rng: np.random.Generator, n: int) -> np.ndarray:
     """Labels 0 and 1, balanced, in random order (the two classes of :func:`stripe_images`)."""
     return rng.permutation(np.arange(n) % 2).astype(np.int64)
@@ -98,11 +114,12 @@ def _rng_images(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _cifar_images(rng: np.random.Generator, n: int, classes: int,
-                  stripes: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3072) uint8 rows and (N,) labels: noise with random labels, or learnable stripes."""
+                  stripes: bool | str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3072) uint8 rows and (N,) labels: noise with random labels, or two learnable
+    classes (``stripes``: True or "stripes", or "brightness")."""
     if stripes:
         labels = stripe_labels(rng, n)
-        return stripe_images(labels, rng=rng).reshape(n, -1), labels
+        return two_class_images(labels, stripes, rng=rng).reshape(n, -1), labels
     return _rng_images(rng, n), rng.integers(0, classes, n)
 
 
@@ -114,7 +131,7 @@ def _pack(members: dict[str, bytes], out: Path) -> None:
             tar.addfile(info, io.BytesIO(blob))
 
 
-def cifar10_files(n_per_batch: int = 20, n_test: int = 20, seed: int = 0, stripes: bool = False
+def cifar10_files(n_per_batch: int = 20, n_test: int = 20, seed: int = 0, stripes: bool | str = False
                   ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
     """Member name -> bytes of a tiny CIFAR-10 (official names, Python 2 pickles), and the
     arrays: noise with random labels, or with ``stripes`` the two-class :func:`stripe_images`."""
@@ -141,7 +158,7 @@ def cifar10_files(n_per_batch: int = 20, n_test: int = 20, seed: int = 0, stripe
     return members, arrays
 
 
-def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0, stripes: bool = False
+def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0, stripes: bool | str = False
                    ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
     """Member name -> bytes of a tiny CIFAR-100 (fine and coarse labels), and the arrays."""
     rng = np.random.default_rng(seed)
@@ -163,7 +180,7 @@ def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0, stripes: 
 
 
 def write_cifar(data_dir: Path, which: str = "cifar10", *, archive: bool = True, seed: int = 0,
-                stripes: bool = False, **sizes: int) -> dict[str, np.ndarray]:
+                stripes: bool | str = False, **sizes: int) -> dict[str, np.ndarray]:
     """Write a tiny CIFAR-10/100 into ``data_dir`` as the official .tar.gz (or extracted folder);
     ``sizes`` are the image counts of :func:`cifar10_files` or :func:`cifar100_files`."""
     files = cifar10_files if which == "cifar10" else cifar100_files
@@ -200,7 +217,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def mnist_files(n_train: int = 60, n_test: int = 20, size: int = 28, seed: int = 0,
-                gz: bool = True, stripes: bool = False
+                gz: bool = True, stripes: bool | str = False
                 ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
     """File name -> bytes of the four IDX files (gzipped by default), and the arrays: noise
     with random labels, or with ``stripes`` the two-class :func:`stripe_images`."""
@@ -209,7 +226,7 @@ def mnist_files(n_train: int = 60, n_test: int = 20, size: int = 28, seed: int =
     for split, n in (("train", n_train), ("test", n_test)):
         if stripes:
             labels = stripe_labels(rng, n)
-            images = stripe_images(labels, size=size, channels=1, rng=rng)[:, 0]
+            images = two_class_images(labels, stripes, size=size, channels=1, rng=rng)[:, 0]
         else:
             images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
             labels = rng.integers(0, 10, n).astype(np.int64)
