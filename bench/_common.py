@@ -28,7 +28,7 @@ def machine_line() -> str:
     from vggkit.training.engine import cpu_flags, cpu_name
 
     flags = sorted(f for f in cpu_flags() if re.match(r"(amx|avx512_bf16|avx512_vnni|avx512f$|avx2$)", f))
-    cpu = f"{cpu_name()}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of note'}"
+    cpu = f"{cpu_name()}{amd_generation()}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of note'}"
     gpu = ""
     if torch.cuda.is_available():
         gpu = f"; GPU: {torch.cuda.get_device_name(0)}"
@@ -99,16 +99,39 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_info_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def amd_generation() -> str:
+    """' (Zen 4)' / ' (Zen 5)' for AMD EPYCs, whose model name says neither: family 25 runs
+    AVX-512 on 256-bit halves, family 26 on full 512-bit pipes (twice the bf16 peak per clock)."""
+    if cpu_info_field("vendor_id") != "AuthenticAMD":
+        return ""
+    family = cpu_info_field("cpu family")
+    return {"25": " (Zen 3/4, family 25)", "26": " (Zen 5, family 26)"}.get(family, f" (family {family})")
+
+
 def machine_kind() -> str:
     """The kind of CPU the development pool draws, as it matters for speed: AMX tiles, AVX512-BF16
-    alone, or neither (fp32). Recorded blocks are kept per kind, so a run on one kind never
-    overwrites another kind's figures."""
+    alone on 256-bit halves (Zen 4) or on full 512-bit pipes (Zen 5), or neither (fp32). Recorded
+    blocks are kept per kind, so a run on one kind never overwrites another kind's figures."""
     from vggkit.training.engine import cpu_flags
 
     flags = cpu_flags()
     if "amx_bf16" in flags:
         return "amx-bf16"
-    return "avx512-bf16" if "avx512_bf16" in flags else "fp32-only"
+    if "avx512_bf16" not in flags:
+        return "fp32-only"
+    zen5 = cpu_info_field("vendor_id") == "AuthenticAMD" and cpu_info_field("cpu family") == "26"
+    return "zen5-avx512-bf16" if zen5 else "avx512-bf16"
 
 
 def record(section: str, body: str) -> None:

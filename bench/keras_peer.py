@@ -1,10 +1,10 @@
 """The Keras peer: the same networks trained with Keras ``model.fit`` on TensorFlow (CPU), in
-fp32 and mixed_bfloat16, against vggkit's engine and a plain PyTorch fp32 loop, so the README
-can state vggkit's ratio to what Keras users run today.
+fp32 and mixed_bfloat16, against vggkit's engine and two plain PyTorch loops (fp32 NCHW, and bf16
+autocast + channels_last), so the README can state vggkit's ratio to what Keras users run today.
 
 TensorFlow is installed from pip (``tensorflow-cpu``) into a virtual environment this script
 creates (default /tmp/vggkit-keras-venv); vggkit's side runs in the current interpreter. Each
-measurement is a fresh subprocess, and the four contenders alternate round by round (the host's
+measurement is a fresh subprocess, and the five contenders alternate round by round (the host's
 speed swings), so compare the ratios of one run.
 
     python bench/keras_peer.py --quick     # vgg16_bn + compact, 2 rounds
@@ -125,7 +125,9 @@ def torch_inner(net: str, which: str, batch: int, steps: int) -> dict:
     class A:
         precision, compile, threads = "auto", False, None
 
-    fn = T.plain_fp32_loop(net, batch) if which == "plain" else T.vggkit_loop(net, batch, A)[0]
+    fn = {"plain": lambda: T.plain_fp32_loop(net, batch),
+          "plain-bf16": lambda: T.plain_bf16_loop(net, batch),
+          "vggkit": lambda: T.vggkit_loop(net, batch, A)[0]}[which]()
     fn()
     fn()
     ts = []
@@ -205,7 +207,7 @@ def main(argv=None) -> None:
                                 capture_output=True, text=True).stdout.split()
     rows = []
     for net in nets:
-        res: dict[str, list[dict]] = {k: [] for k in ("keras fp32", "keras bf16", "plain", "vggkit")}
+        res: dict[str, list[dict]] = {k: [] for k in ("keras fp32", "keras bf16", "plain", "plain-bf16", "vggkit")}
         for r in range(rounds):
             for key in res:
                 if key.startswith("keras"):
@@ -221,11 +223,14 @@ def main(argv=None) -> None:
         ratios = [v["img_s"] / kb["img_s"] for v, kb in zip(res["vggkit"], res["keras bf16"])]
         rows.append([net, f"{med['keras fp32']:,.0f} ({fit['keras fp32']:,.0f})",
                      f"{med['keras bf16']:,.0f} ({fit['keras bf16']:,.0f})",
-                     f"{med['plain']:,.0f}", f"{med['vggkit']:,.0f}",
+                     f"{med['plain']:,.0f}", f"{med['plain-bf16']:,.0f}", f"{med['vggkit']:,.0f}",
                      f"{med['vggkit'] / med['keras fp32']:.2f}x",
-                     f"{statistics.median(ratios):.2f}x"])
+                     f"{statistics.median(ratios):.2f}x",
+                     f"{med['vggkit'] / med['plain']:.2f}x", f"{med['vggkit'] / med['plain-bf16']:.2f}x"])
     header = ["network", "Keras fp32 img/s (fit incl. epoch ends)", "Keras mixed_bfloat16",
-              "PyTorch plain fp32", "vggkit", "vggkit / Keras fp32", "vggkit / Keras bf16 (per round)"]
+              "PyTorch plain fp32", "PyTorch bf16 autocast + channels_last", "vggkit",
+              "vggkit / Keras fp32", "vggkit / Keras bf16 (per round)", "vggkit / PyTorch fp32",
+              "vggkit / PyTorch bf16"]
     table = C.markdown_table(header, rows)
     print(table)
     if args.record:

@@ -77,6 +77,28 @@ def plain_fp32_loop(name: str, batch: int):
     return step
 
 
+def plain_bf16_loop(name: str, batch: int):
+    """What the PyTorch performance guide adds by hand: bf16 autocast + channels_last, stock
+    modules, eager (no FastConv2d, no allocator settings)."""
+    model = build(name).to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 def vggkit_loop(name: str, batch: int, args):
     engine = make_engine("cpu", args.precision, channels_last=True, compile=args.compile,
                          threads=args.threads)
