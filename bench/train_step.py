@@ -177,8 +177,9 @@ def layers(args) -> None:
     FastConv2d uses on small maps; variants alternate, median of the windows."""
     import torch.nn.functional as F
 
-    from vggkit.training.engine import conv3x3_weight_grad
+    from vggkit.training.engine import conv3x3_weight_grad, keep_freed_memory
 
+    keep_freed_memory()  # as the engine does: no page faults on each large output
     B = args.batch
     shapes = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8),
               (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2)]
