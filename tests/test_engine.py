@@ -157,6 +157,20 @@ def test_dense_small_map_conv_is_the_convolution(h, w):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # the weight's taps sum in fp32
 
 
+@pytest.mark.parametrize("side", [2, 4])
+def test_fast_conv_output_takes_an_inplace_relu(side):
+    """A plain VGG (or the compact net) puts nn.ReLU(inplace=True) right after the convolution:
+    the engine's output must not be a view autograd forbids modifying."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True))
+    use_fast_convs(net)
+    x = torch.randn(2, 8, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    y.float().sum().backward()
+    assert net[0].weight.grad is not None and (y >= 0).all()
+
+
 def test_small_maps_take_the_path_measured_faster(monkeypatch):
     """2x2 maps: the dense form (512->512: 27 -> 14 ms a layer, fwd + bwd, on the Zen 5);
     4x4 with 512 channels: oneDNN forward and input gradient, matmul weight gradient."""

@@ -195,10 +195,17 @@ class _DenseSmallMapConv3x3(torch.autograd.Function):
         taps = conv3x3_tap_index(h, w)
         dense = conv3x3_dense_weight(weight, taps)
         x_flat = x.permute(0, 2, 3, 1).reshape(b, h * w * ci)  # a view for channels_last
-        y = torch.mm(x_flat, dense) if bias is None else torch.addmm(bias.repeat(h * w), x_flat, dense)
+        # written into a channels_last tensor, not returned as a view of the matmul's result:
+        # the next layer may be an in-place ReLU, which autograd forbids on a Function's views
+        y = torch.empty(b, co, h, w, dtype=x.dtype, memory_format=torch.channels_last)
+        y_flat = y.permute(0, 2, 3, 1).view(b, h * w * co)
+        if bias is None:
+            torch.mm(x_flat, dense, out=y_flat)
+        else:
+            torch.addmm(bias.repeat(h * w), x_flat, dense, out=y_flat)
         ctx.save_for_backward(x_flat, dense, taps)
         ctx.dims, ctx.has_bias = (b, ci, h, w, co), bias is not None
-        return y.view(b, h, w, co).permute(0, 3, 1, 2)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
