@@ -99,23 +99,18 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_info_field(name: str) -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.split(":", 1)[0].strip() == name:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+def amd_family() -> str:
+    from vggkit.training.engine import cpu_info
+
+    return cpu_info("cpu family") if cpu_info("vendor_id") == "AuthenticAMD" else ""
 
 
 def amd_generation() -> str:
-    """' (Zen 4)' / ' (Zen 5)' for AMD EPYCs, whose model name says neither: family 25 runs
-    AVX-512 on 256-bit halves, family 26 on full 512-bit pipes (twice the bf16 peak per clock)."""
-    if cpu_info_field("vendor_id") != "AuthenticAMD":
+    """' (Zen 5, family 26)' and the like for AMD EPYCs, whose model name says neither: family 25
+    runs AVX-512 on 256-bit halves, family 26 on full 512-bit pipes (twice the bf16 peak per clock)."""
+    family = amd_family()
+    if not family:
         return ""
-    family = cpu_info_field("cpu family")
     return {"25": " (Zen 3/4, family 25)", "26": " (Zen 5, family 26)"}.get(family, f" (family {family})")
 
 
@@ -130,8 +125,7 @@ def machine_kind() -> str:
         return "amx-bf16"
     if "avx512_bf16" not in flags:
         return "fp32-only"
-    zen5 = cpu_info_field("vendor_id") == "AuthenticAMD" and cpu_info_field("cpu family") == "26"
-    return "zen5-avx512-bf16" if zen5 else "avx512-bf16"
+    return "zen5-avx512-bf16" if amd_family() == "26" else "avx512-bf16"
 
 
 def record(section: str, body: str) -> None:

@@ -59,38 +59,28 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 def plain_fp32_loop(name: str, batch: int):
     """The loop a PyTorch tutorial writes: eager, fp32, NCHW."""
-    model = build(name)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+    return _plain_loop(name, batch, bf16=False)
 
 
 def plain_bf16_loop(name: str, batch: int):
     """What the PyTorch performance guide adds by hand: bf16 autocast + channels_last, stock
     modules, eager (no FastConv2d, no allocator settings)."""
-    model = build(name).to(memory_format=torch.channels_last)
+    return _plain_loop(name, batch, bf16=True)
+
+
+def _plain_loop(name: str, batch: int, bf16: bool):
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    model = build(name).to(memory_format=layout)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,), generator=g)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()

@@ -38,25 +38,27 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
+def cpu_info(field: str) -> str:
+    """One field of /proc/cpuinfo's first processor ("flags", "model name", "cpu family"), or ""."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    return frozenset(cpu_info("flags").split())
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    if cpu_info("model name"):
+        return cpu_info("model name")
     import platform
 
     return platform.processor() or platform.machine()
@@ -167,6 +169,7 @@ class _SmallMapConv3x3(torch.autograd.Function):
 DENSE_MAP = 4  # H*W at or below which the convolution is computed as a dense layer
 
 
+@functools.cache
 def conv3x3_tap_index(h: int, w: int) -> torch.Tensor:
     """(H*W inputs, H*W outputs) -> the 3x3 tap joining them, or 9 where none does."""
     p = torch.arange(h * w)
