@@ -43,12 +43,14 @@ def command_line() -> str:
 
 def conv_train_flops(model, input_shape) -> tuple[float, float]:
     """(forward FLOPs, training-step FLOPs) per image, counting convolutions and dense layers
-    (2 per multiply-add). A training step is forward + backward-data + backward-weights; the
-    first layer computes no gradient for its input."""
+    (2 per multiply-add). A training step is forward + backward-data + backward-weights; a
+    layer computes no gradient for its input before the first layer with a trainable weight
+    (the first layer; with frozen features, the head's first), and none for a frozen weight."""
     import torch
     from torch import nn
 
-    fwd: list[tuple[float, bool]] = []
+    fwd: list[tuple[float, int]] = []  # (forward FLOPs, backward passes: data and/or weights)
+    seen_trainable = [False]
 
     def hook(mod, inp, out):
         if isinstance(mod, nn.Conv2d):
@@ -56,7 +58,9 @@ def conv_train_flops(model, input_shape) -> tuple[float, float]:
             f = 2.0 * out[0].numel() * k
         else:
             f = 2.0 * mod.in_features * mod.out_features
-        fwd.append((f, len(fwd) == 0))
+        trainable = mod.weight.requires_grad
+        fwd.append((f, int(seen_trainable[0]) + int(trainable)))
+        seen_trainable[0] |= trainable
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -69,7 +73,7 @@ def conv_train_flops(model, input_shape) -> tuple[float, float]:
     for h in handles:
         h.remove()
     forward = sum(f for f, _ in fwd)
-    train = sum(f * (2 if first else 3) for f, first in fwd)
+    train = sum(f * (1 + backward) for f, backward in fwd)
     return forward, train
 
 

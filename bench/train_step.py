@@ -1,7 +1,8 @@
 """Training-step throughput: vggkit's engine against a plain PyTorch eager fp32 loop.
 
 For each network, one step = forward + backward + SGD-Nesterov update on a fixed batch of
-random 3x32x32 images (10 classes). The two loops run in the same process, alternating
+random 3x32x32 images (10 classes; --image-size N for NxN, --freeze-features for the
+fine-tuning step: features frozen, backward through the head alone). The two loops run in the same process, alternating
 window by window; the table gives the median images/s of the windows, the achieved TFLOP/s
 (convolution + dense FLOPs of forward, backward-data and backward-weights) and that as a
 fraction of the bf16 3x3-convolution peak measured in the same process.
@@ -9,6 +10,7 @@ fraction of the bf16 3x3-convolution peak measured in the same process.
     python bench/train_step.py --quick     # vgg16_bn + compact, < 3 minutes
     python bench/train_step.py             # all five networks
     python bench/train_step.py --profile vgg16_bn   # where the step time goes
+    python bench/train_step.py --nets vgg16_bn --image-size 224 --freeze-features
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn  # noqa: E402
 import _common as C  # noqa: E402
 from vggkit.models import create_model  # noqa: E402
 from vggkit.training.engine import TrainStep, make_engine, predict_logits  # noqa: E402
+from vggkit.training.finetune import freeze_features  # noqa: E402
 
 NETS = {
     "vgg11_bn": ("vgg11_bn", "linear"),
@@ -51,31 +54,36 @@ def conv_peak(dtype: torch.dtype, batch: int = 256) -> float:
     return flops / best / 1e12
 
 
-def build(name: str, seed: int = 0) -> nn.Module:
+def build(name: str, seed: int = 0, size: int = 32, freeze: bool = False) -> nn.Module:
+    """``freeze``: the features frozen as --freeze-features does (no gradient through them,
+    their BatchNorm in eval mode)."""
     arch, head = NETS[name]
     torch.manual_seed(seed)
-    return create_model(arch, num_classes=10, head=head)
+    model = create_model(arch, num_classes=10, head=head, input_size=size)
+    if freeze:
+        freeze_features(model)
+    return model
 
 
-def plain_fp32_loop(name: str, batch: int):
+def plain_fp32_loop(name: str, batch: int, size: int = 32, freeze: bool = False):
     """The loop a PyTorch tutorial writes: eager, fp32, NCHW."""
-    return _plain_loop(name, batch, bf16=False)
+    return _plain_loop(name, batch, bf16=False, size=size, freeze=freeze)
 
 
-def plain_bf16_loop(name: str, batch: int):
+def plain_bf16_loop(name: str, batch: int, size: int = 32, freeze: bool = False):
     """What the PyTorch performance guide adds by hand: bf16 autocast + channels_last, stock
     modules, eager (no FastConv2d, no allocator settings)."""
-    return _plain_loop(name, batch, bf16=True)
+    return _plain_loop(name, batch, bf16=True, size=size, freeze=freeze)
 
 
-def _plain_loop(name: str, batch: int, bf16: bool):
+def _plain_loop(name: str, batch: int, bf16: bool, size: int = 32, freeze: bool = False):
     layout = torch.channels_last if bf16 else torch.contiguous_format
-    model = build(name).to(memory_format=layout)
+    model = build(name, size=size, freeze=freeze).to(memory_format=layout)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=layout)
+    x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,), generator=g)
 
     def step():
@@ -92,13 +100,14 @@ def _plain_loop(name: str, batch: int, bf16: bool):
 def vggkit_loop(name: str, batch: int, args):
     engine = make_engine("cpu", args.precision, channels_last=True, compile=args.compile,
                          threads=args.threads)
-    model = engine.prepare(build(name))
+    size, freeze = getattr(args, "image_size", 32), getattr(args, "freeze_features", False)
+    model = engine.prepare(build(name, size=size, freeze=freeze))
     model = engine.maybe_compile(model)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     step = TrainStep(model, opt, nn.CrossEntropyLoss(), engine)
     g = torch.Generator().manual_seed(1)
-    x = engine.to_input(torch.randn(batch, 3, 32, 32, generator=g))
+    x = engine.to_input(torch.randn(batch, 3, size, size, generator=g))
     y = torch.randint(0, 10, (batch,), generator=g)
     return (lambda: step(x, y)), engine
 
@@ -114,7 +123,7 @@ def run(args) -> None:
         steps = 1 if ("vgg" in name and "compact" not in name and args.quick) else 2
         if "compact" in name:
             steps *= 4
-        base = plain_fp32_loop(name, args.batch)
+        base = plain_fp32_loop(name, args.batch, args.image_size, args.freeze_features)
         fast, engine = vggkit_loop(name, args.batch, args)
         engine_desc = engine.describe()
         t0 = time.perf_counter()
@@ -124,7 +133,9 @@ def run(args) -> None:
         base()
         times = C.interleave({"vggkit": fast, "plain": base}, windows, steps)
         tv, tb = C.median(times["vggkit"]), C.median(times["plain"])
-        _, train_flops = C.conv_train_flops(build(name), (3, 32, 32))
+        _, train_flops = C.conv_train_flops(
+            build(name, size=args.image_size, freeze=args.freeze_features),
+            (3, args.image_size, args.image_size))
         tflops = train_flops * args.batch / tv / 1e12
         peak = peak_bf16 if engine.precision == "bf16" else peak_fp32
         row = [name, f"{args.batch / tb:,.0f}", f"{args.batch / tv:,.0f}", f"{tb / tv:.2f}x",
@@ -139,11 +150,15 @@ def run(args) -> None:
     body = (f"Command: `{C.command_line()}`\n\n"
             f"Machine: {C.machine_line()}\n\n"
             f"vggkit engine: {engine_desc}\n\n"
-            f"Batch {args.batch}, 3x32x32, 10 classes, SGD-Nesterov; median of {windows} "
+            f"Batch {args.batch}, 3x{args.image_size}x{args.image_size}, 10 classes, "
+            f"SGD-Nesterov{'; features frozen (--freeze-features)' if args.freeze_features else ''}; "
+            f"median of {windows} "
             f"alternating windows. Measured 3x3-conv peak in this run (256ch at 8x8, batch 256, "
             f"forward): bf16 {peak_bf16:.2f} TFLOP/s, fp32 {peak_fp32:.2f} TFLOP/s.\n\n{table}\n")
     if args.record:
-        C.record("train_step" + ("_quick" if args.quick else ""), body)
+        variant = (f"_{args.image_size}px" if args.image_size != 32 else "") + \
+            ("_frozen" if args.freeze_features else "")
+        C.record("train_step" + variant + ("_quick" if args.quick else ""), body)
 
 
 def profile(args) -> None:
@@ -267,6 +282,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="vgg16_bn and the compact net, 3 windows")
     ap.add_argument("--nets", nargs="*", choices=list(NETS))
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=32, help="side of the random images")
+    ap.add_argument("--freeze-features", action="store_true",
+                    help="the fine-tuning step: features frozen, backward through the head alone")
     ap.add_argument("--windows", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's model")

@@ -54,7 +54,7 @@ def test_augmentation_matches_per_image_reference(aug: Augment) -> None:
     x = _images(n=37, h=8, w=9)
     loader = Loader(x, torch.zeros(37, dtype=torch.int64), 16, shuffle=True, seed=3, augment=aug, **IDENTITY)
     order = loader.indices(2)
-    params = loader._draw(len(order), 2)
+    params = loader._draw(order, 2)
     got = torch.cat([b for b, _ in loader.epoch(2)])
     want = _reference(x[order], params, aug)
     assert torch.equal(got, want)

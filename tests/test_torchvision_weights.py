@@ -47,10 +47,17 @@ def weights(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 
 def expected_probabilities(model: torch.nn.Module, image: Path) -> torch.Tensor:
-    """torchvision's recipe written out: Pillow resize to 224, /255, ImageNet mean and std."""
+    """torchvision's ImageNet recipe written out: resize the shorter side to 256, center crop
+    224 (one bilinear resampling of the centered square of 87.5% of the shorter side), /255,
+    ImageNet mean and std."""
     with Image.open(image) as img:
-        pixels = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
-    x = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 255
+        pixels = np.asarray(img.convert("RGB"))
+    h, w = pixels.shape[:2]
+    side = round(0.875 * min(h, w))  # 42 of 48: integer-aligned for the 64x48 test photo
+    top, left = (h - side) // 2, (w - side) // 2
+    x = torch.tensor(pixels, dtype=torch.float64).permute(2, 0, 1)[None, :, top:top + side, left:left + side]
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).float() / 255
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         return model(x).softmax(1)[0]

@@ -276,7 +276,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 _TRAIN_FIELDS: set[str] = set()
 _GROUP_TITLES = {
     "model": "model", "data": "data", "augmentation": "augmentation (whole batch, on device)",
-    "training": "optimisation", "engine": "engine", "output": "output",
+    "photos": "photos (kept at their aspect ratio, cropped per batch on the device)",
+    "training": "optimisation", "finetune": "fine-tuning", "engine": "engine", "output": "output",
 }
 
 
@@ -313,10 +314,15 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+IMAGENET_ARG_HELP = ("imagenet:MODEL is torchvision's ImageNet weights for MODEL (e.g. "
+                     "imagenet:vgg16_bn), found in torch's cache or downloaded once "
+                     "($VGGKIT_WEIGHTS_URL: a mirror)")
+
+
 def add_classes_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", metavar="FILE",
                         help="for torchvision VGG weights (.pth/.pt): class names, one a line "
-                        "(default: \"0\"..\"N-1\")")
+                        "(default: \"0\"..\"N-1\"; ImageNet's for imagenet:MODEL)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -386,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "accuracy, per-class metrics and confusion matrix of a run or "
                 "checkpoint", cmd_evaluate)
-    p.add_argument("run", metavar="RUN|CHECKPOINT|WEIGHTS.pth")
+    p.add_argument("run", metavar="RUN|CHECKPOINT|WEIGHTS.pth|imagenet:MODEL",
+                   help=IMAGENET_ARG_HELP)
     p.add_argument("--dataset", help="evaluate on another dataset (default: the run's; needed "
                    "for torchvision weights)")
     p.add_argument("--data-dir")
@@ -438,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "if FILE's table differs from the generated one")
 
     p = command("predict", "class probabilities for image files", cmd_predict)
-    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth")
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth|imagenet:MODEL",
+                   help=IMAGENET_ARG_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -451,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "export to ONNX and check it against PyTorch with onnxruntime",
                 cmd_export)
-    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth")
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth|imagenet:MODEL",
+                   help=IMAGENET_ARG_HELP)
     p.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
     p.add_argument("--opset", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")

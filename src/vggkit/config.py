@@ -22,9 +22,11 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "plateau", "cosine", "onecycle", "time-decay", "triangle")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-NORMALIZE = ("meanstd", "unit")
+NORMALIZE = ("meanstd", "unit", "imagenet")
 PAD_MODES = ("reflect", "zeros")
 SCALE_LR = ("none", "linear")
+PLACEMENTS = ("auto", "device", "stream")
+IMAGENET_INIT = "imagenet"  # --init-from imagenet: torchvision's ImageNet weights for --model
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, group: str = "training",
@@ -44,8 +46,11 @@ class TrainConfig:
                            "(default: the model's own)", group="model")
     dropout: float = opt(0.5, "dropout rate of the dense head layers", group="model")
     init_from: str | None = opt(None, "start from another run's (or a weights file's) matching "
-                                "layers, e.g. a trained VGG-11 for a VGG-16", group="model",
-                                metavar="RUN_OR_WEIGHTS")
+                                "layers, e.g. a trained VGG-11 for a VGG-16; 'imagenet': "
+                                "torchvision's ImageNet weights for --model, found in torch's "
+                                "cache or downloaded once (then --normalize imagenet and "
+                                "--channels 3 unless given)", group="model",
+                                metavar="RUN|WEIGHTS|imagenet")
     partial: bool = opt(False, "with --init-from: load what matches and report the rest "
                         "instead of failing on a mismatch", group="model")
     # --- data
@@ -53,13 +58,16 @@ class TrainConfig:
                        "folder:PATH|npz:PATH", group="data")
     data_dir: str | None = opt(None, "where datasets live (default $VGGKIT_DATA, else a per-user "
                                "cache folder)", group="data")
-    download: bool = opt(True, "download a missing official dataset", group="data")
-    download_url: str | None = opt(None, "base address to download datasets from (default the "
-                                   "official ones; $VGGKIT_DOWNLOAD_URL)", group="data")
+    download: bool = opt(True, "download a missing official dataset (and --init-from "
+                         "imagenet's weights)", group="data")
+    download_url: str | None = opt(None, "base address to download datasets (and --init-from "
+                                   "imagenet's weights) from (default the official ones; "
+                                   "$VGGKIT_DOWNLOAD_URL, $VGGKIT_WEIGHTS_URL)", group="data")
     image_size: int | None = opt(None, "resize images to this side (default: the dataset's, "
                                  "raised to the smallest the model takes)", group="data")
     channels: int | None = opt(None, "1 or 3 input channels (default: the dataset's)", group="data")
-    normalize: str = opt("meanstd", "per-channel mean/std of the training set, or pixels/255",
+    normalize: str = opt("meanstd", "per-channel mean/std of the training set, pixels/255, or "
+                         "ImageNet's mean/std (the default with --init-from imagenet)",
                          choices=NORMALIZE, group="data")
     subset: int | None = opt(None, "train on N images, balanced across classes (seeded)",
                              group="data")
@@ -77,6 +85,26 @@ class TrainConfig:
                         group="augmentation")
     flip: bool = opt(False, "random horizontal flips", group="augmentation")
     cutout: int = opt(0, "cutout square side in pixels (0: off)", group="augmentation")
+    # --- photos (folders of images of many sizes: kept at their aspect ratio, cropped per batch)
+    random_resized_crop: bool = opt(False, "photos: train on random resized crops (scale and "
+                                    "aspect jitter, torchvision's RandomResizedCrop) of "
+                                    "--image-size; evaluation takes resize + center crop",
+                                    group="photos")
+    crop_scale: list[float] = opt([0.08, 1.0], "random resized crop: range of the crop's share "
+                                  "of the photo's area", group="photos", metavar="MIN,MAX")
+    crop_ratio: list[float] = opt([0.75, 4 / 3], "random resized crop: range of the crop's "
+                                  "aspect ratio (width/height)", group="photos", metavar="MIN,MAX")
+    crop_pct: float = opt(0.875, "photos: evaluation, test and predict resize the shorter side "
+                          "to --image-size / this, then take the center crop (timm's crop_pct)",
+                          group="photos")
+    stored_size: int | None = opt(None, "photos: longer side of each photo in the decoded cache "
+                                  "(default 1.25 x --image-size); the aspect ratio is kept",
+                                  group="photos")
+    data_placement: str = opt("auto", "auto: the whole dataset on the training device when it "
+                              "fits with room to spare (a quarter of the free memory), else "
+                              "streamed: batches gathered from host memory or the "
+                              "memory-mapped cache ahead of the step", choices=PLACEMENTS,
+                              group="data")
     drop_last: bool = opt(False, "drop each epoch's last incomplete training batch")
     # --- optimisation
     epochs: int = opt(12, "training epochs")
@@ -122,6 +150,20 @@ class TrainConfig:
                                          "for this many epochs, then freeze it (default: always)")
     early_stop: int | None = opt(None, "stop after this many epochs without a better "
                                  "validation accuracy", metavar="PATIENCE")
+    # --- fine-tuning (Keras's trainable=False, fastai's fine_tune and discriminative rates)
+    freeze_features: bool = opt(False, "train the head alone: the convolutional features keep "
+                                "their weights and BatchNorm statistics for the whole run "
+                                "(Keras's trainable=False); works under torchrun",
+                                group="finetune")
+    freeze_epochs: int = opt(0, "train the head alone for this many first epochs, then the "
+                             "whole network (fastai's fine_tune(freeze_epochs=N)); refused "
+                             "under torchrun, whose DistributedDataParallel fixes the "
+                             "parameters it synchronises when it wraps the model",
+                             group="finetune", metavar="N")
+    features_lr_scale: float = opt(1.0, "learning-rate multiplier for the convolutional "
+                                   "features (fastai's discriminative rates, e.g. 0.1); "
+                                   "multiplies --norm-lr-scale for their BatchNorm",
+                                   group="finetune", metavar="F")
     # --- engine
     precision: str = opt("auto", "auto: bf16 autocast where the CPU or GPU computes bf16 "
                          "natively, else fp32", choices=PRECISIONS, group="engine")
@@ -332,7 +374,39 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
         raise bad("whiten_bias_epochs", "must not be negative")
     if config.image_size is not None:
         check_tta_translate(config, config.image_size, source)
+    validate_photos(config, bad)
+    validate_finetune(config, bad)
     return config
+
+
+def validate_finetune(config: TrainConfig, bad) -> None:
+    if not config.features_lr_scale > 0:
+        raise bad("features_lr_scale", "must be positive (--freeze-features keeps the "
+                  "features fixed)")
+    if config.freeze_epochs < 0:
+        raise bad("freeze_epochs", "must not be negative")
+    if config.freeze_epochs and config.freeze_features:
+        raise bad("freeze_epochs", "cannot be combined with --freeze-features, which freezes "
+                  "the features for the whole run")
+    if config.freeze_epochs >= config.epochs:
+        raise bad("freeze_epochs", f"must be smaller than --epochs {config.epochs}, or nothing "
+                  "but the head is ever trained (that is --freeze-features)")
+
+
+def validate_photos(config: TrainConfig, bad) -> None:
+    """The photo crop flags: torchvision's RandomResizedCrop ranges and timm's crop_pct."""
+    if len(config.crop_scale) != 2 or not 0 < config.crop_scale[0] <= config.crop_scale[1] <= 1:
+        raise bad("crop_scale", "must be MIN,MAX with 0 < MIN <= MAX <= 1, like 0.08,1")
+    if len(config.crop_ratio) != 2 or not 0 < config.crop_ratio[0] <= config.crop_ratio[1]:
+        raise bad("crop_ratio", "must be MIN,MAX with 0 < MIN <= MAX, like 0.75,1.333")
+    if not 0 < config.crop_pct <= 1:
+        raise bad("crop_pct", "must be in (0, 1]")
+    if config.stored_size is not None and config.stored_size < 1:
+        raise bad("stored_size", "must be a positive integer")
+    if (config.stored_size is not None and config.image_size is not None
+            and config.stored_size < config.image_size):
+        raise bad("stored_size", f"must be at least --image-size {config.image_size} (the crop "
+                  "is taken from the stored photo)")
 
 
 def check_tta_translate(config: TrainConfig, image_size: int, source: str = "command line") -> None:
@@ -354,13 +428,30 @@ def resolve_config(
     recipe: str | None = None,
 ) -> TrainConfig:
     """Defaults < recipe < config file < flags."""
-    config = TrainConfig()
+    config, given = TrainConfig(), set(flags or ())
     if recipe:
         from vggkit.recipes import load_recipe
 
-        config = apply_overrides(config, load_recipe(recipe), source=f"recipe {recipe}")
+        values = load_recipe(recipe)
+        config, given = apply_overrides(config, values, source=f"recipe {recipe}"), given | set(values)
     if config_file:
-        config = apply_overrides(config, load_yaml(config_file), source=str(config_file))
+        values = load_yaml(config_file)
+        config, given = apply_overrides(config, values, source=str(config_file)), given | set(values)
     if flags:
         config = apply_overrides(config, flags, source="command line")
-    return config
+    return imagenet_defaults(config, given)
+
+
+def imagenet_defaults(config: TrainConfig, given: set[str]) -> TrainConfig:
+    """--init-from imagenet: the weights saw RGB images normalised with ImageNet's mean and
+    std, so those are the defaults of --channels and --normalize (unless ``given``)."""
+    if config.init_from != IMAGENET_INIT:
+        return config
+    from vggkit.models.pretrained import weights_file_name
+
+    try:  # before any dataset is loaded
+        weights_file_name(config.model)
+    except UsageError as exc:
+        raise UsageError(f"--init-from imagenet: {exc}") from None
+    changes = {k: v for k, v in (("normalize", "imagenet"), ("channels", 3)) if k not in given}
+    return dataclasses.replace(config, **changes)

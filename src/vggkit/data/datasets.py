@@ -19,6 +19,7 @@ from vggkit.data.prepare import channel_stats, convert_channels, resize
 from vggkit.data.sources import cifar, idx
 from vggkit.data.sources.base import RawData
 from vggkit.data.split import balanced_subset, stratified_split
+from vggkit.data.store import MappedImages, region_stats
 from vggkit.errors import DataError, UsageError, unknown_name
 
 log = logging.getLogger("vggkit.data")
@@ -34,6 +35,7 @@ DEFAULT_VAL_IMAGES = {"cifar10": 5000, "cifar100": 5000, "cifar100-coarse": 5000
                       "fashion-mnist": 5000}
 DEFAULT_VAL_FRACTION = 0.1
 MAX_IMAGE_SIZE = 1024
+PHOTO_STATS_SAMPLE = 2000  # photos the mean/std of a photo folder are measured on
 
 _DESCRIPTIONS = {
     "cifar10": "CIFAR-10: 50,000/10,000 32x32 RGB images, 10 classes",
@@ -186,7 +188,8 @@ def _resolve_user_path(arg: str, data_dir: Path) -> Path:
 
 
 def _read(kind: str, arg: str | None, data_dir: Path, *, download: bool, download_url: str | None,
-          image_size: int | None, skip_bad_images: bool, progress: bool) -> tuple[str, RawData]:
+          image_size: int | None, skip_bad_images: bool, progress: bool, photos: bool | None = None,
+          stored_size: int | None = None, channels: int | None = None) -> tuple[str, RawData]:
     if kind == "digits":
         from vggkit.data.sources.digits import load_digits_data
 
@@ -199,9 +202,15 @@ def _read(kind: str, arg: str | None, data_dir: Path, *, download: bool, downloa
             raise DataError(f"{path}: npz file not found (from --dataset npz:{arg})")
         return f"npz:{path}", load_npz(path)
     if kind == "folder":
+        from vggkit.data.sources import photos as ph
         from vggkit.data.sources.folder import load_folder
 
         path = _resolve_user_path(arg or "", data_dir)
+        if photos or (photos is None and ph.mixed_sizes(path, cache_dirs(data_dir))):
+            raw = ph.load_photo_folder(path, image_size=image_size, stored_size=stored_size,
+                                       channels=channels, skip_bad_images=skip_bad_images,
+                                       cache_dirs=cache_dirs(data_dir), progress=progress)
+            return f"folder:{path}", raw
         raw = load_folder(path, image_size=image_size, skip_bad_images=skip_bad_images,
                           cache_dirs=cache_dirs(data_dir), progress=progress)
         return f"folder:{path}", raw
@@ -268,6 +277,8 @@ def load_dataset(
     seed: int = 0,
     skip_bad_images: bool = False,
     progress: bool = True,
+    photos: bool | None = None,
+    stored_size: int | None = None,
 ) -> Dataset:
     """Load dataset ``name`` and prepare it.
 
@@ -278,6 +289,12 @@ def load_dataset(
     (:func:`val_count`); keep a class-balanced ``subset`` of what is left (``seed``);
     convert channels; resize; compute mean/std on the final train images. The three
     parts never share an image.
+
+    A folder of photos (images of several sizes, or ``photos=True``) is kept on disk: its
+    splits are ``MappedImages`` of canvases holding each photo at its own aspect ratio (longer
+    side ``stored_size``, by default 1.25 x ``image_size``), already in the requested channels;
+    the crop to ``image_size`` happens per batch (``vggkit.data.photo``). Its mean/std come
+    from up to ``PHOTO_STATS_SAMPLE`` training photos.
     """
     _check_options(image_size, channels, subset, val_split)
     image_size = int(image_size) if image_size is not None else None
@@ -286,8 +303,11 @@ def load_dataset(
     val_split = float(val_split) if val_split is not None else None
     kind, arg = _canonical(name)
     root = resolve_data_dir(data_dir)
+    if photos and kind != "folder":
+        raise UsageError(f"--random-resized-crop/--stored-size: only for folder datasets of photos, not {name}")
     full_name, raw = _read(kind, arg, root, download=download, download_url=download_url,
-                           image_size=image_size, skip_bad_images=skip_bad_images, progress=progress)
+                           image_size=image_size, skip_bad_images=skip_bad_images, progress=progress,
+                           photos=photos, stored_size=stored_size, channels=channels)
     x_tr, y_tr = raw.x_train, raw.y_train
     if raw.x_test is None or raw.y_test is None:
         keep, held = stratified_split(y_tr, SINGLE_SET_TEST_FRACTION, SINGLE_SET_SEED)
@@ -311,6 +331,9 @@ def load_dataset(
                              + (" after --val-split" if x_val is not None else ""))
         pick = balanced_subset(y_tr, subset, seed)
         x_tr, y_tr = x_tr[pick], y_tr[pick]
+
+    if isinstance(x_tr, MappedImages):
+        return _photo_dataset(full_name, raw, x_tr, y_tr, x_te, y_te, x_val, y_val, seed)
 
     def prep(x: np.ndarray) -> torch.Tensor:
         t = _tensor(x)
@@ -340,6 +363,15 @@ def load_dataset(
         from_cache=raw.from_cache,
         skipped=list(raw.skipped),
     )
+
+
+def _photo_dataset(name: str, raw: RawData, x_tr, y_tr, x_te, y_te, x_val, y_val, seed: int) -> Dataset:
+    mean, std = region_stats(*x_tr.sample(PHOTO_STATS_SAMPLE, seed))
+    labels = lambda y: _tensor(y.astype(np.int64)) if y is not None else None  # noqa: E731
+    return Dataset(name=name, classes=list(raw.classes), x_train=x_tr, y_train=labels(y_tr),
+                   x_test=x_te, y_test=labels(y_te), x_val=x_val, y_val=labels(y_val),
+                   mean=mean, std=std, source=raw.source, from_cache=raw.from_cache,
+                   skipped=list(raw.skipped))
 
 
 def list_datasets(data_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:

@@ -91,13 +91,27 @@ OFFICIAL: dict[str, Official] = {
 }
 
 
-def file_md5(path: Path) -> str:
-    """Hex md5 of a file, read in chunks."""
-    h = hashlib.md5(usedforsecurity=False)
+class DownloadError(DataError):
+    """A transfer that did not complete (HTTP error, no connection, cut off); ``reason`` says
+    why in a few words, for callers that phrase their own advice."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file, read in chunks."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    """Hex md5 of a file, read in chunks."""
+    return file_digest(path, "md5")
 
 
 def resource_url(group: Official, filename: str, download_url: str | None = None) -> str:
@@ -111,16 +125,19 @@ def _progress_enabled(progress: bool) -> bool:
     return progress and sys.stderr is not None and sys.stderr.isatty()
 
 
-def fetch(url: str, dest: Path, md5: str, *, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` via a temporary ``.part`` file, renamed only once its md5 matches.
+def fetch(url: str, dest: Path, md5: str, *, progress: bool = True, algorithm: str = "md5") -> Path:
+    """Download ``url`` to ``dest`` via a temporary ``.part`` file, renamed only once its md5 (or
+    ``algorithm``'s digest) matches ``md5``. A shorter expected digest is a prefix, as in torch.hub's
+    weights file names (``vgg16-397923af.pth``: its sha256 starts with 397923af).
 
-    Any failure removes the partial file and raises DataError naming the address and the file.
+    Any failure removes the partial file and raises DataError naming the address and the file
+    (DownloadError when the transfer itself failed).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, part_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     part = Path(part_name)
     try:
-        h = hashlib.md5(usedforsecurity=False)
+        h = hashlib.new(algorithm, usedforsecurity=False)
         received = 0
         try:
             with contextlib.closing(os.fdopen(fd, "wb")) as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
@@ -142,24 +159,31 @@ def fetch(url: str, dest: Path, md5: str, *, progress: bool = True) -> Path:
                         received += len(block)
                         bar.update(len(block))
         except urllib.error.HTTPError as exc:
-            raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+            reason = f"HTTP {exc.code} {exc.reason}"
+            raise DownloadError(f"download of {url} failed: {reason}", reason) from None
         except http.client.IncompleteRead as exc:
             got_bytes = received + len(exc.partial)
             of = f" of {got_bytes + exc.expected:,}" if exc.expected is not None else ""
-            raise DataError(
-                f"download of {url} was cut off after {got_bytes:,}{of} bytes; nothing was saved as {dest}"
+            raise DownloadError(
+                f"download of {url} was cut off after {got_bytes:,}{of} bytes; nothing was saved as {dest}",
+                f"cut off after {got_bytes:,}{of} bytes",
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise DataError(f"download of {url} failed after {received:,} bytes ({reason}); nothing was saved as {dest}") from None
+            raise DownloadError(
+                f"download of {url} failed after {received:,} bytes ({reason}); nothing was saved as {dest}", str(reason)
+            ) from None
         if total is not None and received != total:
-            raise DataError(
-                f"download of {url} was cut off after {received:,} of {total:,} bytes; nothing was saved as {dest}"
+            raise DownloadError(
+                f"download of {url} was cut off after {received:,} of {total:,} bytes; nothing was saved as {dest}",
+                f"cut off after {received:,} of {total:,} bytes",
             )
         got = h.hexdigest()
-        if got != md5:
+        if not md5 or not got.startswith(md5.lower()):
+            expected = md5 if len(md5) == len(got) else f"one starting with {md5} (the hash in its name)"
             raise DataError(
-                f"md5 mismatch for {dest.name} downloaded from {url}: got {got}, expected {md5}; the file was removed"
+                f"{algorithm} mismatch for {dest.name} downloaded from {url}: got {got}, expected {expected}; "
+                "the file was removed"
             )
         os.replace(part, dest)
     finally:

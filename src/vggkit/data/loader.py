@@ -17,6 +17,16 @@ All randomness (the permutation and every augmentation parameter) is drawn on th
 epoch, then moved to the device in one copy. An epoch is therefore bit-identical however often it
 is replayed, on whatever device, which makes resuming at an epoch boundary exact.
 
+Placement: the dataset is put on the training device whole when it fits there with room to
+spare (``placement="device"``; a memory-mapped photo cache is then read into memory once);
+otherwise (``"stream"``) it stays on the host - a memory-mapped cache stays on disk - and a
+background thread gathers each batch, copies it to the device and builds it ahead of the step,
+so reading overlaps the compute. Both give bit-identical batches.
+
+Photos (``photo=PhotoCrop``): the images are canvases holding each photo at its own aspect
+ratio; the crop (random resized for training, resize + center crop for evaluation) is taken
+from each canvas per batch, with its parameters drawn for the whole epoch like the others.
+
 Sharding: rank ``r`` of ``world_size`` visits ``perm[r::world_size]`` cut into batches of
 ``batch_size``. Every rank yields the same number of batches and, unless ``drop_last``, every
 sample appears exactly once per epoch across ranks: when the final global chunk has fewer samples
@@ -26,15 +36,25 @@ larger) instead of leaving ranks with an empty batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from vggkit.data.store import MappedImages
 from vggkit.errors import UsageError
 
+log = logging.getLogger("vggkit.data")
+
 PAD_MODES = ("zeros", "reflect")
+PLACEMENTS = ("auto", "device", "stream")
+PREFETCH_BATCHES = 2  # built ahead of the step when streaming
+DEVICE_SHARE = 0.25  # "fits with room to spare": at most this share of the free memory
 
 
 @dataclass
@@ -66,6 +86,72 @@ def _stream_seed(seed: int, epoch: int, stream: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
+def _normaliser(mean: Sequence[float], std: Sequence[float], c: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) with x * scale + shift = (x / 255 - mean) / std."""
+    mean_t = torch.as_tensor(list(mean), dtype=torch.float64).flatten()
+    std_t = torch.as_tensor(list(std), dtype=torch.float64).flatten()
+    if mean_t.numel() == 1:
+        mean_t = mean_t.expand(c)
+    if std_t.numel() == 1:
+        std_t = std_t.expand(c)
+    if mean_t.numel() != c or std_t.numel() != c or (std_t <= 0).any():
+        raise ValueError(f"mean/std need {c} values with std > 0, got {list(mean)} / {list(std)}")
+    scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(1, c, 1, 1).to(device)
+    return scale, (-mean_t / std_t).to(torch.float32).view(1, c, 1, 1).to(device)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for data on ``device``: the GPU's free memory, or for the CPU what the
+    kernel calls available, capped by this process's cgroup memory limit."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    free = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    limit = cgroup_memory_left()
+    candidates = [v for v in (free, limit) if v is not None]
+    return min(candidates) if candidates else 1 << 62
+
+
+def cgroup_memory_left() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2 or v1), None when unlimited."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, files = f"/sys/fs/cgroup{path}", ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = f"/sys/fs/cgroup/memory{path}", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit = open(f"{base}/{files[0]}").read().strip()
+            usage = int(open(f"{base}/{files[1]}").read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            return max(0, int(limit) - usage)
+    return None
+
+
+def choose_placement(nbytes: int, device: torch.device, requested: str = "auto") -> str:
+    """"device" when the whole dataset fits on the training device with room to spare
+    (at most DEVICE_SHARE of its free memory: the step's activations need the rest), else
+    "stream". An explicit request is kept."""
+    if requested != "auto":
+        return requested
+    return "device" if nbytes <= DEVICE_SHARE * free_memory(device) else "stream"
+
+
 class Loader:
     """Batches of (normalised float images, int64 labels) from an in-memory uint8 dataset."""
 
@@ -86,9 +172,13 @@ class Loader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        photo: Any = None,
+        placement: str = "auto",
     ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
+        if not isinstance(images, MappedImages) and (images.dtype != torch.uint8 or images.dim() != 4):
             raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if placement not in PLACEMENTS:
+            raise UsageError(f"--data-placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
         if labels.dim() != 1 or len(labels) != len(images):
             raise ValueError(f"labels must be (N,) with N = {len(images)}, got {tuple(labels.shape)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -98,15 +188,11 @@ class Loader:
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating type, got {dtype}")
         n, c, h, w = images.shape
-        mean_t = torch.as_tensor(list(mean), dtype=torch.float64).flatten()
-        std_t = torch.as_tensor(list(std), dtype=torch.float64).flatten()
-        if mean_t.numel() == 1:
-            mean_t = mean_t.expand(c)
-        if std_t.numel() == 1:
-            std_t = std_t.expand(c)
-        if mean_t.numel() != c or std_t.numel() != c or (std_t <= 0).any():
-            raise ValueError(f"mean/std need {c} values with std > 0, got {list(mean)} / {list(std)}")
         self.augment = augment if augment is not None and augment.active else None
+        if photo is not None:
+            # The photo crop decides the geometry (and flips); only cutout follows it.
+            self.augment = Augment(cutout=augment.cutout) if augment is not None and augment.cutout else None
+            h = w = photo.size
         if self.augment is not None and self.augment.pad_mode == "reflect" and self.augment.crop_padding >= min(h, w):
             raise UsageError(
                 f"--crop-padding {self.augment.crop_padding}: reflect padding needs less than the image size ({h}x{w})"
@@ -120,19 +206,37 @@ class Loader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.photo = photo
+        self.sizes = None
+        if photo is not None:
+            self.sizes = images.sizes() if isinstance(images, MappedImages) else \
+                torch.tensor([list(images.shape[2:])]).expand(n, 2)
+        self.nbytes = int(np.prod(images.shape))
+        self.placement = choose_placement(self.nbytes, self.device, placement)
         # Moved once; uint8 keeps the resident copy 4x smaller than float. Batches are built in
         # NCHW even for channels_last output: CPU kernels that broadcast over a size-3 innermost
         # channel dim are 10-20x slower, so one layout copy at the end is the cheapest route.
-        self.images = images.to(self.device).contiguous()
+        if self.placement == "device":
+            resident = images.load() if isinstance(images, MappedImages) else images
+            self.images = resident.to(self.device).contiguous()
+        else:
+            self.images = images  # a host tensor or the memory-mapped cache: gathered per batch
         self.labels = labels.to(self.device, torch.int64)
-        # Normalisation as one multiply-add: (x / 255 - mean) / std = x * scale + shift.
-        self._scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(1, c, 1, 1).to(self.device)
-        self._shift = (-mean_t / std_t).to(torch.float32).view(1, c, 1, 1).to(self.device)
-        self._rows = torch.arange(h, device=self.device)
+        self._scale, self._shift = _normaliser(mean, std, c, self.device)
+        self._rows = torch.arange(h, device=self.device)  # of the output batch
         self._cols = torch.arange(w, device=self.device)
-        self._plane_offsets = torch.arange(c, device=self.device) * h  # row offset of each channel plane
         self._n = n
         self._num_batches, self._total = self._plan(n)
+
+    def describe(self) -> str:
+        """Where the data lives, in a few words, for the run's log."""
+        size = f"{self.nbytes / 1e6:,.1f} MB" if self.nbytes < 1e9 else f"{self.nbytes / 1e9:,.2f} GB"
+        source = "memory-mapped cache" if isinstance(self.images, MappedImages) else "host memory"
+        if self.placement == "device":
+            where = "memory" if self.device.type == "cpu" else f"{self.device} memory"
+            return f"{self._n:,} images, {size} decoded: held in {where}"
+        return (f"{self._n:,} images, {size} decoded: streamed from the {source}, "
+                f"{PREFETCH_BATCHES} batches built ahead of the step")
 
     def _plan(self, n: int) -> tuple[int, int]:
         """(batches per rank, samples used per epoch across all ranks)."""
@@ -179,23 +283,25 @@ class Loader:
         b, nb = self.batch_size, self._num_batches
         return [(i * b, (i + 1) * b if i < nb - 1 else count) for i in range(nb)]
 
-    def _draw(self, count: int, epoch: int) -> dict[str, torch.Tensor]:
+    def _draw(self, order: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         """This rank's augmentation parameters for the whole epoch, drawn on the CPU, moved at once."""
-        aug = self.augment
-        assert aug is not None
-        h, w = self.images.shape[2:]
+        aug, count = self.augment, len(order)
+        h, w = len(self._rows), len(self._cols)
         gen = torch.Generator().manual_seed(_stream_seed(self.seed, epoch, 1 + self.rank))
         params: dict[str, torch.Tensor] = {}
-        if aug.crop_padding:
+        if self.photo is not None:
+            params.update(self.photo.params(self.sizes[order], gen))
+        if aug is not None and aug.crop_padding:
             span = 2 * aug.crop_padding + 1
             params["dy"] = torch.randint(0, span, (count,), generator=gen) - aug.crop_padding
             params["dx"] = torch.randint(0, span, (count,), generator=gen) - aug.crop_padding
-        if aug.flip:
+        if aug is not None and aug.flip:
             params["flip"] = torch.randint(0, 2, (count,), generator=gen).bool()
-        if aug.cutout:
+        if aug is not None and aug.cutout:
             params["cy"] = torch.randint(0, h, (count,), generator=gen) - aug.cutout // 2
             params["cx"] = torch.randint(0, w, (count,), generator=gen) - aug.cutout // 2
-        return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
+        # Photo boxes stay on the CPU: the crop reads their sizes there without a device sync.
+        return {k: v if k == "boxes" else v.to(self.device, non_blocking=True) for k, v in params.items()}
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield this rank's batches for ``epoch``: (images in ``dtype`` on the device, int64 labels).
@@ -204,20 +310,52 @@ class Loader:
         that follow are identical to those of a full pass.
         """
         order = self.indices(epoch)
-        params = self._draw(len(order), epoch) if self.augment is not None else {}
+        drawn = self.augment is not None or self.photo is not None
+        params = self._draw(order, epoch) if drawn else {}
+        host_order = order
         order = order.to(self.device, non_blocking=True)
-        for lo, hi in self._bounds(len(order))[start:]:
+        bounds = self._bounds(len(order))[start:]
+
+        def build(bound: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            lo, hi = bound
             idx = order[lo:hi]
             p = {k: v[lo:hi] for k, v in params.items()}
-            yield self._normalise(self._gather(idx, p), p), self.labels.index_select(0, idx)
+            if self.placement == "device":
+                x = self._resident_batch(idx, p)
+            else:
+                x = self._streamed_batch(host_order[lo:hi], p)
+            return self._normalise(x, p), self.labels.index_select(0, idx)
 
-    def _gather(self, idx: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's uint8 NCHW images, randomly cropped and flipped: at most two gathers."""
+        if self.placement == "device":
+            yield from map(build, bounds)
+        else:
+            yield from prefetched(build, bounds, PREFETCH_BATCHES)
+
+    def _resident_batch(self, idx: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.photo is not None:
+            return self.photo.apply(self.images.index_select(0, idx), p)
+        return self._gather(self.images, idx, p)
+
+    def _streamed_batch(self, host_idx: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gather the batch on the host (reading the memory map), copy it to the device, crop."""
+        if isinstance(self.images, MappedImages):
+            x = self.images.gather(host_idx)
+        else:
+            x = self.images.index_select(0, host_idx)
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        if self.photo is not None:
+            return self.photo.apply(x, p)
+        return self._gather(x, torch.arange(len(x), device=self.device), p)
+
+    def _gather(self, images: torch.Tensor, idx: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch ``idx`` of ``images`` as uint8 NCHW, randomly cropped and flipped: at most two gathers."""
         aug = self.augment
-        n, c, h, w = self.images.shape
+        n, c, h, w = images.shape
         b = len(idx)
         if aug is None or not (aug.crop_padding or aug.flip):
-            return self.images.index_select(0, idx)
+            return images.index_select(0, idx)
         valid: torch.Tensor | None = None
         # Source column of each output column: mirror first (flip of the crop), then shift.
         cols = self._cols.expand(b, w)
@@ -235,10 +373,11 @@ class Loader:
                 rows = rows.clamp(0, h - 1)
                 cols = cols.clamp(0, w - 1)
             # Batch gather and row crop in one: whole W-pixel rows out of an (N*C*H, W) view.
-            src = (idx[:, None, None] * (c * h) + self._plane_offsets[None, :, None] + rows[:, None, :]).reshape(-1)
-            x = self.images.view(n * c * h, w).index_select(0, src).view(b, c, h, w)
+            planes = torch.arange(c, device=idx.device) * h  # row offset of each channel plane
+            src = (idx[:, None, None] * (c * h) + planes[None, :, None] + rows[:, None, :]).reshape(-1)
+            x = images.view(n * c * h, w).index_select(0, src).view(b, c, h, w)
         else:
-            x = self.images.index_select(0, idx)
+            x = images.index_select(0, idx)
         x = x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
         if valid is not None:
             x.mul_(valid)  # zero padding: pixels that came from outside the image are black
@@ -257,3 +396,48 @@ class Loader:
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+
+_END = object()
+
+
+def prefetched(build: Callable[[Any], Any], items: Sequence[Any], depth: int) -> Iterator[Any]:
+    """``map(build, items)``, computed by a background thread up to ``depth`` items ahead.
+
+    The thread's torch work (gathers, copies, crops) releases the GIL, so it overlaps the
+    training step. An error in the thread is raised here; leaving the loop early (a resume,
+    an interrupt) stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(("ok", build(item))):
+                    return
+            put(("end", _END))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", exc))
+
+    thread = threading.Thread(target=work, name="vggkit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=10)

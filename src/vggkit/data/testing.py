@@ -349,3 +349,28 @@ def write_corners_npz(path: Path, *, n_train: int = 400, n_test: int = 40, size:
               "classes": np.array(CORNER_CLASSES)}
     np.savez(path, **arrays)
     return {**arrays, "corner_test": corner_test}
+
+
+def write_photo_folder(root: Path, *, per_class: int = 12, test_per_class: int = 4,
+                       sides: tuple[int, int] = (24, 72), fmt: str = "PNG", seed: int = 0) -> dict[str, Any]:
+    """``train/`` + ``test/`` folders of two classes of photos of many sizes and shapes
+    (width and height each uniform in ``sides``): "red" ones are reddish, "blue" ones bluish,
+    with noise, so a network learns them from any crop. Returns each file's (height, width)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes: dict[str, tuple[int, int]] = {}
+    files: dict[str, bytes] = {}
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for label, cls in enumerate(("blue", "red")):
+            for j in range(n):
+                w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+                pixels = rng.integers(0, 90, (h, w, 3), dtype=np.uint8)
+                pixels[..., 2 - 2 * label] += 150  # blue or red channel raised
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format=fmt)
+                rel = f"{split}/{cls}/{j:04d}.{fmt.lower().replace('jpeg', 'jpg')}"
+                files[rel] = buf.getvalue()
+                sizes[rel] = (h, w)
+    write_tree(files, root)
+    return sizes

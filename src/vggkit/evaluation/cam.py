@@ -121,7 +121,7 @@ def write_cams(checkpoint: str | Path, images: Sequence[str | Path], out_dir: st
                classes_file: str | Path | None = None) -> list[dict[str, object]]:
     """``predict --cam``: one overlay PNG per image file, of ``class_name`` or else of the
     top class. Returns, per image, the file written and the class shown."""
-    from vggkit.evaluation.predictor import prepare_image
+    from vggkit.evaluation.predictor import prepare_images
     from vggkit.evaluation.runs import load_model
 
     out_dir = Path(out_dir)
@@ -131,9 +131,7 @@ def write_cams(checkpoint: str | Path, images: Sequence[str | Path], out_dir: st
     meta = ckpt.meta
     classes = list(meta["classes"])
     target = None if class_name is None else class_index(class_name, classes)
-    channels, size = meta["image_shape"][0], meta["image_shape"][1]
-    folder = str(meta["config"].get("dataset", "")).startswith("folder:")
-    pixels = np.stack([prepare_image(p, channels, size, folder) for p in images])
+    pixels = prepare_images(images, meta)
     inputs = normalise(torch.from_numpy(pixels), meta["mean"], meta["std"])
     wanted = None if target is None else [target] * len(pixels)
     cams, shown = grad_cam_batched(model, inputs, wanted)

@@ -12,6 +12,7 @@ from vggkit.errors import UsageError
 from vggkit.evaluation.metrics import classification_metrics
 from vggkit.evaluation.plots import confusion_matrix_png
 from vggkit.evaluation.runs import is_torch_weights, load_model, load_split
+from vggkit.models.pretrained import imagenet_model_name
 from vggkit.runfolder import run_folder_of
 
 
@@ -72,13 +73,15 @@ def evaluate(
     ``classes_file`` names the weights' classes.
     """
     from vggkit.data import Loader
+    from vggkit.data.crops import eval_crop
     from vggkit.training.engine import make_engine
     from vggkit.training.scoring import collect_logits
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     path = Path(run_or_checkpoint)
-    if dataset is None and is_torch_weights(path):  # before loading 500 MB of weights
+    imagenet = imagenet_model_name(run_or_checkpoint) is not None
+    if dataset is None and (imagenet or is_torch_weights(path)):  # before loading 500 MB of weights
         raise UsageError(f"--dataset: {path} is torchvision weights, which name no dataset; give "
                          "--dataset (its classes must be the weights', see --classes FILE)")
     model, ckpt = load_model(path, classes_file)
@@ -89,7 +92,8 @@ def evaluate(
     engine = make_engine(device, precision, meta["config"].get("channels_last", True), False)
     model = engine.prepare(model)
     loader = Loader(data.images, data.labels, batch_size, shuffle=False, mean=meta["mean"],
-                    std=meta["std"], device=engine.device, channels_last=engine.channels_last)
+                    std=meta["std"], device=engine.device, channels_last=engine.channels_last,
+                    photo=eval_crop(meta))
     logits, labels = collect_logits(model, loader, engine, tta=tta, translate=translate)
     result: dict[str, Any] = {
         "run": str(run) if run else None,
@@ -103,7 +107,8 @@ def evaluate(
     }
     result.update(classification_metrics(logits.numpy(), labels.numpy(), meta["classes"]))
 
-    out = Path(out_dir) if out_dir is not None else (run or ckpt.path.parent)
+    # imagenet:MODEL's file is in a weights cache: its results go to the current folder.
+    out = Path(out_dir) if out_dir is not None else (run or (Path() if imagenet else ckpt.path.parent))
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     try:

@@ -50,6 +50,42 @@ def prepare_image(path: str | Path, channels: int, size: int, folder_dataset: bo
     return image[0].numpy()
 
 
+TORCHVISION_STORED_SIDE = 448  # photos for ImageNet weights: longer side, before the 87.5% crop
+
+
+def prepare_photo(path: str | Path, channels: int, size: int, stored_side: int, crop_pct: float) -> np.ndarray:
+    """A photo as uint8 (channels, size, size), prepared as a photo run's evaluation was:
+    decoded with its longer side fitted to the stored side (aspect kept), then the shorter
+    side resized to size / crop_pct and the center size x size taken."""
+    from vggkit.data.photo import PhotoCrop
+    from vggkit.data.sources.folder import BadImage
+    from vggkit.data.sources.photos import fit_decode
+
+    try:
+        array = fit_decode(read_bytes(path), stored_side, channels)
+    except BadImage as exc:
+        raise DataError(f"image {path}: {exc}") from None
+    h, w = array.shape[:2]
+    canvas = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
+    crop = PhotoCrop(train=False, size=size, crop_pct=crop_pct, flip=False)
+    out = crop.apply(canvas, crop.params(torch.tensor([[h, w]]), torch.Generator()))
+    return out.round_().clamp_(0, 255).to(torch.uint8)[0].numpy()
+
+
+def prepare_images(paths: list[str | Path], meta: dict[str, Any]) -> np.ndarray:
+    """The image files as the checkpoint's model expects them, stacked: a photo run's (and
+    torchvision's ImageNet weights') evaluation crop, else resized as its training images."""
+    channels, size = meta["image_shape"][0], meta["image_shape"][1]
+    photo = meta.get("photo")
+    if meta.get("weights") == "torchvision":
+        photo = {"stored_side": TORCHVISION_STORED_SIDE, "crop_pct": 0.875}
+    if photo:
+        return np.stack([prepare_photo(p, channels, size, photo["stored_side"], photo["crop_pct"])
+                         for p in paths])
+    folder = str(meta["config"].get("dataset", "")).startswith("folder:")
+    return np.stack([prepare_image(p, channels, size, folder) for p in paths])
+
+
 def predict(checkpoint: str | Path, images: list[str | Path], *, topk: int = 5,
             device: str = "auto", batch_size: int = 64,
             classes_file: str | Path | None = None) -> list[dict[str, Any]]:
@@ -67,10 +103,7 @@ def predict(checkpoint: str | Path, images: list[str | Path], *, topk: int = 5,
     meta = ckpt.meta
     channels, size = meta["image_shape"][0], meta["image_shape"][1]
     # Every file is read (and checked) before the model runs, so a bad one fails fast.
-    # torchvision's weights expect a photo resized with Pillow, as the folder reader does.
-    folder = (str(meta["config"].get("dataset", "")).startswith("folder:")
-              or meta.get("weights") == "torchvision")
-    pixels = np.stack([prepare_image(p, channels, size, folder) for p in images])
+    pixels = prepare_images(images, meta)
     engine = make_engine(device, "fp32", False, False)
     model = engine.prepare(model)
     loader = Loader(torch.from_numpy(pixels), torch.zeros(len(pixels), dtype=torch.int64),

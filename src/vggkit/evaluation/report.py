@@ -25,7 +25,7 @@ from vggkit import __version__
 from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.evaluation import plots
 from vggkit.evaluation.metrics import classification_metrics, softmax
-from vggkit.evaluation.runs import RUN_WEIGHTS, load_split, read_predictions
+from vggkit.evaluation.runs import RUN_WEIGHTS, as_arrays, load_split, read_predictions
 from vggkit.runfolder import RunFolder
 
 HTML_NAME = "report.html"
@@ -212,7 +212,7 @@ def test_images(run: RunData, labels: np.ndarray) -> np.ndarray | None:
         run.notes.append(f"no grid of misclassified images: {why}")
         run.cam_note = f"No Grad-CAM overlays: {why}."
         return None
-    return data.images.numpy()
+    return as_arrays(data, run.meta)
 
 
 def misclassified(run: RunData, logits: np.ndarray, labels: np.ndarray,

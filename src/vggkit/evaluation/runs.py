@@ -14,17 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from vggkit.data.store import MappedImages
 from vggkit.errors import CheckpointError, DataError, UsageError
+from vggkit.models.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    imagenet_classes,
+    imagenet_model_name,
+    imagenet_weights,
+)
 from vggkit.runfolder import RunFolder
 from vggkit.training.checkpoint import Checkpoint, model_from_checkpoint
 
 RUN_WEIGHTS = "last"
 SPLITS = ("test", "val", "train")
-# How torchvision's ImageNet VGG weights expect their input.
 TORCH_SUFFIXES = (".pth", ".pt")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_SIZE = 224
+IMAGENET_SIZE = 224  # the side torchvision's ImageNet VGG weights expect, with IMAGENET_MEAN/STD
 TORCHVISION_DATASET = "imagenet"  # a name only: no such vggkit dataset, so evaluate needs --dataset
 
 
@@ -32,7 +37,13 @@ def load_model(run_or_checkpoint: str | Path,
                classes_file: str | Path | None = None) -> tuple[torch.nn.Module, Checkpoint]:
     """The network (eval mode, CPU, fp32) and its checkpoint. A torchvision-layout VGG
     weights file (.pth/.pt) gets a checkpoint made up for it (see ``torchvision_checkpoint``);
-    ``classes_file`` names its classes."""
+    ``classes_file`` names its classes. ``imagenet:MODEL`` is torchvision's ImageNet weights
+    for MODEL, found in a cache or downloaded (``vggkit.models.pretrained``), with ImageNet's
+    class names."""
+    imagenet = imagenet_model_name(run_or_checkpoint)
+    if imagenet is not None:
+        weights = imagenet_weights(imagenet, mirror_flag=None)
+        return torchvision_checkpoint(weights, classes_file, default_classes=imagenet_classes())
     path = Path(run_or_checkpoint)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint file)")
@@ -73,16 +84,23 @@ def read_class_names(path: str | Path, count: int) -> list[str]:
     return names
 
 
-def torchvision_checkpoint(path: Path, classes_file: str | Path | None = None
+def torchvision_checkpoint(path: Path, classes_file: str | Path | None = None, *,
+                           default_classes: list[str] | None = None
                            ) -> tuple[torch.nn.Module, Checkpoint]:
     """A torchvision-layout VGG state dict as a network with the ``imagenet`` head and a
     checkpoint that says how to use it: ImageNet's normalisation at 224x224, classes named
-    "0".."N-1" (ImageNet's names are not available offline) unless ``classes_file``."""
+    by ``classes_file``, else ``default_classes`` (when they are as many), else "0".."N-1"
+    (a .pth file names no classes)."""
     from vggkit.models import load_torchvision_vgg
 
     model = load_torchvision_vgg(path, IMAGENET_SIZE)
     n = model.num_classes
-    classes = read_class_names(classes_file, n) if classes_file is not None else [str(i) for i in range(n)]
+    if classes_file is not None:
+        classes = read_class_names(classes_file, n)
+    elif default_classes is not None and len(default_classes) == n:
+        classes = list(default_classes)
+    else:
+        classes = [str(i) for i in range(n)]
     meta = {
         "weights": "torchvision",
         "config": {"dataset": TORCHVISION_DATASET, "channels_last": True},
@@ -98,7 +116,7 @@ def torchvision_checkpoint(path: Path, classes_file: str | Path | None = None
 
 @dataclass
 class SplitData:
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: Any  # uint8 (N, C, H, W) tensor, or a photo folder's MappedImages canvases
     labels: torch.Tensor  # int64 (N,)
     classes: list[str]
     dataset: str
@@ -117,11 +135,15 @@ def load_split(meta: dict[str, Any], split: str = "test", *, dataset: str | None
     channels, size = meta["image_shape"][0], meta["image_shape"][1]
     own = dataset is None or dataset == cfg["dataset"]
     name = cfg["dataset"] if dataset is None else dataset
+    photos = bool(meta.get("photo")) and own
     data = load_dataset(
         name,
         data_dir=data_dir if data_dir is not None else cfg.get("data_dir"),
         download=False,
-        image_size=size,
+        # A photo run's cache is keyed by the flags it was trained with: the same canvases.
+        image_size=cfg.get("image_size") if photos else size,
+        photos=True if photos else None,
+        stored_size=cfg.get("stored_size") if photos else None,
         channels=channels,
         subset=cfg.get("subset") if own else None,
         val_split=cfg.get("val_split", 0.0),  # absent: a run from before validation by default
@@ -141,7 +163,34 @@ def load_split(meta: dict[str, Any], split: str = "test", *, dataset: str | None
             raise UsageError(f"--split val: the run was trained with --val-split 0, so {name} "
                              "has no validation split here; use --split test")
         raise DataError(f"dataset {name} has no {split} split")
-    return SplitData(torch.as_tensor(x), torch.as_tensor(y), list(data.classes), name)
+    images = x if isinstance(x, MappedImages) else torch.as_tensor(x)
+    return SplitData(images, torch.as_tensor(y), list(data.classes), name)
+
+
+class CroppedImages:
+    """A photo split seen as the model sees it: ``images[idx]`` gives those photos'
+    evaluation crops as uint8 (k, C, size, size), read from the cache on demand."""
+
+    def __init__(self, images: MappedImages, crop: Any) -> None:
+        self.images, self.crop = images, crop
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> np.ndarray:
+        idx = np.atleast_1d(np.arange(len(self.images))[index])
+        p = self.crop.params(self.images.sizes()[idx], torch.Generator())
+        out = self.crop.apply(self.images.gather(idx), p).round_().clamp_(0, 255).to(torch.uint8)
+        return out[0].numpy() if np.ndim(index) == 0 else out.numpy()
+
+
+def as_arrays(data: SplitData, meta: dict[str, Any]):
+    """The split's images for display: the uint8 array, or for photos their crops on demand."""
+    from vggkit.data.crops import eval_crop
+
+    if isinstance(data.images, MappedImages):
+        return CroppedImages(data.images, eval_crop(meta))
+    return data.images.numpy()
 
 
 def _preview(names: list[str], n: int = 4) -> str:

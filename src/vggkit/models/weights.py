@@ -230,3 +230,10 @@ def load_torchvision_vgg(path: str | Path, input_size: int = 224) -> nn.Module:
         raise CheckpointError(f"{path}: not a torchvision-layout {name} state dict ({report})")
     model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+def without_last_layer(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` without the model's last classifier layer, so that it stays initialised: the
+    head is reset for other classes (timm's ``reset_classifier``, Keras's new top)."""
+    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return {k: v for k, v in state.items() if not k.startswith(last + ".")}

@@ -20,6 +20,7 @@ from vggkit.config import TrainConfig
 from vggkit.errors import UsageError
 from vggkit.training import distributed as D
 from vggkit.training.engine import TrainStep, make_engine
+from vggkit.training.finetune import FeatureFreeze
 from vggkit.training.optim import build_optimizer, set_lr
 from vggkit.training.trainer import build_model, load_data
 
@@ -48,6 +49,7 @@ def lr_find(config: TrainConfig, *, steps: int = 200, start_lr: float = 1e-6,
     data = load_data(config, engine, single, progress)
     model, _ = build_model(config, data, engine, single, fresh=True)
     optimizer = build_optimizer(model, config, start_lr)
+    FeatureFreeze.from_config(model, config).apply(0)  # as the run's first epoch trains
     step = TrainStep(model, optimizer, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
                      engine)
     model.train()

@@ -17,37 +17,50 @@ from vggkit.config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, *, norm_lr_scale: float = 1.0,
-                     decay_all: bool = False) -> list[dict[str, Any]]:
+                     decay_all: bool = False, features_lr_scale: float = 1.0
+                     ) -> list[dict[str, Any]]:
     """Weight decay on weights of convolutions and dense layers only; BatchNorm
     parameters and biases are not decayed (decaying them only hurts) unless ``decay_all``
     (airbench decays everything). ``norm_lr_scale`` != 1 puts BatchNorm parameters in a
     group of their own whose rate is scaled by it (``lr_scale``, honoured by :func:`set_lr`)
-    and whose decay is divided by it, so that their per-step decay stays lr x wd."""
+    and whose decay is divided by it, so that their per-step decay stays lr x wd.
+    ``features_lr_scale`` != 1 (fastai's discriminative rates) puts the parameters of
+    ``model.features`` in groups of their own, after the others', whose ``lr_scale`` is
+    multiplied by it (their decay is not: a lower rate decays them less, as in fastai).
+    Parameters frozen by then are left out; freeze the features (--freeze-features) after
+    this, so that the optimizer holds them."""
     norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
                 for p in m.parameters(recurse=False)}
+    feature_ids = ({id(p) for p in model.features.parameters()}
+                   if features_lr_scale != 1.0 and hasattr(model, "features") else set())
     separate_norm = norm_lr_scale != 1.0
-    decay, no_decay, norm = [], [], []
-    for name, param in model.named_parameters():
+    buckets: dict[tuple[bool, str], list[nn.Parameter]] = {}
+    for param in model.parameters():
         if not param.requires_grad:
             continue
-        if separate_norm and id(param) in norm_ids:
-            norm.append(param)
-        elif param.ndim > 1 or decay_all:
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    if norm:
-        groups.append({"params": norm, "lr_scale": norm_lr_scale,
-                       "weight_decay": weight_decay / norm_lr_scale if decay_all else 0.0})
+        kind = ("norm" if separate_norm and id(param) in norm_ids
+                else "decay" if param.ndim > 1 or decay_all else "no_decay")
+        buckets.setdefault((id(param) in feature_ids, kind), []).append(param)
+    groups = []
+    for in_features in (False, True):
+        scale = features_lr_scale if in_features else 1.0
+        scaled = {"lr_scale": scale} if scale != 1.0 else {}
+        decay, no_decay, norm = (buckets.get((in_features, k), [])
+                                 for k in ("decay", "no_decay", "norm"))
+        if decay or not in_features:  # the first group is always there: logs read its rate
+            groups.append({"params": decay, "weight_decay": weight_decay, **scaled})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, **scaled})
+        if norm:
+            groups.append({"params": norm, "lr_scale": norm_lr_scale * scale,
+                           "weight_decay": weight_decay / norm_lr_scale if decay_all else 0.0})
     return groups
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.weight_decay, norm_lr_scale=config.norm_lr_scale,
-                              decay_all=config.decay_all)
+                              decay_all=config.decay_all,
+                              features_lr_scale=config.features_lr_scale)
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     if config.optimizer == "sgd":

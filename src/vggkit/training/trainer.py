@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from vggkit import __version__
-from vggkit.config import FIELDS, TrainConfig, apply_overrides, check_tta_translate
+from vggkit.config import FIELDS, IMAGENET_INIT, TrainConfig, apply_overrides, check_tta_translate
 from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.models import (
     count_parameters,
@@ -45,8 +45,9 @@ from vggkit.models import (
     load_matching,
     read_state_dict,
 )
+from vggkit.models.pretrained import imagenet_mean_std, imagenet_weights, load_imagenet
 from vggkit.models.vgg import init_whitening
-from vggkit.models.weights import remap_stagewise
+from vggkit.models.weights import remap_stagewise, without_last_layer
 from vggkit.runfolder import RunFolder, default_run_name
 from vggkit.training import distributed as D
 from vggkit.training.checkpoint import (
@@ -57,6 +58,7 @@ from vggkit.training.checkpoint import (
     save_checkpoint,
 )
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine
+from vggkit.training.finetune import FeatureFreeze
 from vggkit.training.health import HealthMonitor
 from vggkit.training.optim import Lookahead, Schedule, build_optimizer, set_lr
 from vggkit.training.progress import Progress
@@ -165,6 +167,7 @@ class Data:
     test: Any
     has_val: bool
     val_source: str
+    photo: dict[str, Any] | None = None  # photo folders: the stored side and the eval crop
 
     @property
     def channels(self) -> int:
@@ -193,30 +196,39 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     while the others wait without the collectives' timeout; then every rank loads the
     prepared copy from the node's cache at the image size the model needs."""
     from vggkit.data import Augment, Loader, load_dataset
+    from vggkit.data.crops import native_side, photo_crops
 
     args = dict(data_dir=config.data_dir, download_url=config.download_url,
                 channels=config.channels, subset=config.subset, val_split=config.val_split,
-                seed=config.seed, skip_bad_images=config.skip_bad_images)
+                seed=config.seed, skip_bad_images=config.skip_bad_images,
+                photos=True if config.random_resized_crop or config.stored_size else None,
+                stored_size=config.stored_size)
     preparer = dist.local_rank == 0
     group = D.data_wait_group(dist)
     probe = load_dataset(config.dataset, download=config.download and preparer,
                          progress=progress and dist.is_main,
                          image_size=config.image_size or None, **args) if preparer else None
     D.wait_for_data(dist, group)
-    native = probe.x_train.shape[-1] if probe is not None else None
-    image_size = resolve_image_size(config, D.broadcast_object(native, dist))
-    dataset = probe if probe is not None and probe.x_train.shape[-1] == image_size else \
-        load_dataset(config.dataset, download=False, progress=False, image_size=image_size,
-                     **args)
+    native, photos = D.broadcast_object(native_side(probe) if probe is not None else None, dist)
+    image_size = resolve_image_size(config, native)
+    dataset = probe if probe is not None and (photos or probe.x_train.shape[-1] == image_size) else \
+        load_dataset(config.dataset, download=False, progress=False,
+                     image_size=config.image_size or None if photos else image_size, **args)
     channels = dataset.x_train.shape[1]
     mean, std = ((list(dataset.mean), list(dataset.std)) if config.normalize == "meanstd"
+                 else imagenet_mean_std(channels) if config.normalize == "imagenet"
                  else ([0.0] * channels, [1.0] * channels))
-    common = dict(mean=mean, std=std, device=engine.device, channels_last=engine.channels_last)
+    common = dict(mean=mean, std=std, device=engine.device, channels_last=engine.channels_last,
+                  placement=config.data_placement)
+    train_crop, eval_crop = photo_crops(config, image_size) if photos else (None, None)
     augment = Augment(crop_padding=config.crop_padding, pad_mode=config.pad_mode,
                       flip=config.flip, cutout=config.cutout)
     train = Loader(dataset.x_train, dataset.y_train, config.batch_size, shuffle=True,
                    seed=config.seed, augment=augment, rank=dist.rank,
-                   world_size=dist.world_size, drop_last=config.drop_last, **common)
+                   world_size=dist.world_size, drop_last=config.drop_last, photo=train_crop,
+                   **common)
+    if dist.is_main:
+        log.info("data: %s", train.describe())
     if len(train) == 0:
         raise UsageError(f"--batch-size {config.batch_size}: no full batch in "
                          f"{len(dataset.x_train)} training images")
@@ -225,11 +237,12 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     # --val-split 0 the test split, recorded for monitoring and never acted on.
     split = (dataset.x_val, dataset.y_val) if has_val else (dataset.x_test, dataset.y_test)
     per_epoch = Loader(*split, config.eval_batch_size, shuffle=False, rank=dist.rank,
-                       world_size=dist.world_size, **common)
+                       world_size=dist.world_size, photo=eval_crop, **common)
     test = Loader(dataset.x_test, dataset.y_test, config.eval_batch_size, shuffle=False,
-                  **common)
+                  photo=eval_crop, **common)
+    photo_meta = {"stored_side": dataset.x_train.shape[-1], "crop_pct": config.crop_pct} if photos else None
     return Data(dataset, image_size, mean, std, train, per_epoch, test, has_val,
-                describe_val_source(config, dataset, has_val))
+                describe_val_source(config, dataset, has_val), photo_meta)
 
 
 def describe_val_source(config: TrainConfig, dataset: Any, has_val: bool) -> str:
@@ -250,13 +263,16 @@ def build_model(config: TrainConfig, data: Data, engine: Engine, dist: D.DistInf
     model = create_model(config.model, num_classes=data.num_classes, in_channels=data.channels,
                          input_size=data.image_size, head=config.head or arch.default_head,
                          dropout=config.dropout)
+    if arch.whiten_kernel and data.photo is not None:
+        raise UsageError(f"--model {config.model}: its whitening stem is set from images held in "
+                         "memory at one size; photo folders are not supported")
     if arch.whiten_kernel and fresh:
         whiten_from_data(model, data.dataset.x_train, data.mean, data.std)
     if arch.whiten_kernel and config.whiten_bias_epochs is not None and dist.enabled:
         raise UsageError("--whiten-bias-epochs freezes a parameter mid-run, which "
                          "DistributedDataParallel does not allow; leave it unset under torchrun")
     if config.init_from and fresh:
-        load_init_weights(config, model)
+        load_init_weights(config, model, data.dataset.classes)
     params = count_parameters(model)
     model = engine.prepare(model)
     if dist.enabled and config.sync_bn:
@@ -274,9 +290,15 @@ def whiten_from_data(model: nn.Module, images: torch.Tensor, mean, std,
     init_whitening(model.features[0], (x - m) / s)
 
 
-def load_init_weights(config: TrainConfig, model: nn.Module) -> None:
+def load_init_weights(config: TrainConfig, model: nn.Module, classes: list[str] | None = None) -> None:
     """--init-from: another run's or checkpoint's matching layers (a run gives its best
-    checkpoint, chosen on validation), or a torchvision-layout weights file."""
+    checkpoint, chosen on validation), or a torchvision-layout weights file; ``imagenet``:
+    torchvision's ImageNet weights for --model (a resume never gets here: it has its own)."""
+    if config.init_from == IMAGENET_INIT:
+        path = imagenet_weights(config.model, download=config.download,
+                                download_url=config.download_url)
+        log.info("--init-from imagenet: %s", load_imagenet(model, path, partial=config.partial))
+        return
     source = Path(config.init_from)
     if source.is_dir() or (source.suffix == ".safetensors" and check_loadable(source)):
         ckpt = load_checkpoint(find_checkpoint(source, "best"))
@@ -285,6 +307,8 @@ def load_init_weights(config: TrainConfig, model: nn.Module) -> None:
         dst_arch = get_architecture(config.model)
         if src_arch.config != dst_arch.config:
             state = remap_stagewise(state, src_arch, dst_arch)
+        if classes is not None and list(ckpt.meta["classes"]) != list(classes):
+            state = without_last_layer(state, model)  # other classes: a fresh last layer
         report = load_matching(model, state, partial=True, only_features=False,
                                source=f"--init-from {source}")
     else:
@@ -365,6 +389,9 @@ class Trainer:
                                     num_classes=self.data.num_classes,
                                     probe_relus=not config.compile) if config.health else None
         self.optimizer = build_optimizer(self.model, config, self.lr)
+        # after the optimizer, which holds the frozen features too; before DDP wraps the model
+        self.freeze = FeatureFreeze.from_config(self.model, config, self.dist)
+        self.params = count_parameters(self.model)  # --freeze-features: they are non-trainable
         steps = len(self.data.train)
         self.schedule = Schedule.from_config(config, self.lr, steps)
         self.lookahead = Lookahead.from_config(self.model, config, steps * config.epochs)
@@ -409,6 +436,7 @@ class Trainer:
             "mean": d.mean,
             "std": d.std,
             "image_shape": [d.channels, d.image_size, d.image_size],
+            "photo": d.photo,
             "model": {"name": c.model, "head": c.head or self.arch.default_head,
                       "num_classes": d.num_classes, "in_channels": d.channels,
                       "input_size": d.image_size, "dropout": c.dropout},
@@ -477,7 +505,8 @@ class Trainer:
         """Every batch of ``epoch`` (from the saved batch when resuming mid-epoch)."""
         c, steps = self.config, len(self.data.train)
         self.net.train()
-        if self.arch.whiten_kernel and c.whiten_bias_epochs is not None:
+        frozen = self.freeze.apply(epoch)  # a function of the epoch: resume-exact
+        if self.arch.whiten_kernel and c.whiten_bias_epochs is not None and not frozen:
             self.model.features[0].bias.requires_grad_(epoch < c.whiten_bias_epochs)
         resumed = epoch == self.state.epoch and self.state.batch
         first = self.state.batch if resumed else 0
