@@ -95,7 +95,7 @@ def airbench_loop(x, y):
     net = ref.make_net(3, 10).to(x.device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.85, nesterov=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2, reduction="none")
-    dtype = torch.bfloat16 if x.device.type == "cpu" or torch.cuda.is_bf16_supported() \
+    dtype = torch.bfloat16 if x.device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False) \
         else torch.float16
     xx = x.contiguous(memory_format=torch.channels_last)
 

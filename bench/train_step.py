@@ -11,6 +11,7 @@ fraction of the bf16 3x3-convolution peak measured in the same process.
     python bench/train_step.py             # all five networks
     python bench/train_step.py --profile vgg16_bn   # where the step time goes
     python bench/train_step.py --nets vgg16_bn --image-size 224 --freeze-features
+    python bench/train_step.py --freeze-compare --nets vgg16_bn --image-size 224 --batch 16
 """
 
 from __future__ import annotations
@@ -161,6 +162,36 @@ def run(args) -> None:
         C.record("train_step" + variant + ("_quick" if args.quick else ""), body)
 
 
+def freeze_compare(args) -> None:
+    """The fine-tuning step's speed-up: vggkit's step with the features frozen against the same
+    step training everything, alternating window by window in one process."""
+    import copy
+
+    names, windows, rows = args.nets or ["vgg16_bn"], args.windows or 5, []
+    for name in names:
+        loops = {}
+        for frozen in (False, True):
+            a = copy.copy(args)
+            a.freeze_features = frozen
+            loops["frozen" if frozen else "full"], engine = vggkit_loop(name, args.batch, a)
+        for loop in loops.values():
+            loop(), loop()  # warm-up
+        times = C.interleave(loops, windows, 1)
+        full, frozen = C.median(times["full"]), C.median(times["frozen"])
+        rows.append([name, f"{args.batch / full:,.1f}", f"{args.batch / frozen:,.1f}",
+                     f"{full / frozen:.2f}x"])
+        print(" | ".join(rows[-1]), flush=True)
+    table = C.markdown_table(["network", "all layers trained img/s", "features frozen img/s",
+                              "speed-up"], rows)
+    print(table)
+    body = (f"Command: `{C.command_line()}`\n\nMachine: {C.machine_line()}\n\nvggkit engine: "
+            f"{engine.describe()}\n\nBatch {args.batch}, 3x{args.image_size}x{args.image_size}, "
+            f"10 classes, SGD-Nesterov; median of {windows} alternating windows of one step.\n\n"
+            f"{table}\n")
+    if args.record:
+        C.record(f"train_step_freeze_{args.image_size}px", body)
+
+
 def profile(args) -> None:
     """Operator table of a few engine steps, by self CPU time."""
     from torch.profiler import ProfilerActivity
@@ -285,6 +316,8 @@ def main(argv=None) -> None:
     ap.add_argument("--image-size", type=int, default=32, help="side of the random images")
     ap.add_argument("--freeze-features", action="store_true",
                     help="the fine-tuning step: features frozen, backward through the head alone")
+    ap.add_argument("--freeze-compare", action="store_true",
+                    help="vggkit's step with the features frozen against training everything")
     ap.add_argument("--windows", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
@@ -309,6 +342,8 @@ def main(argv=None) -> None:
         accuracy(args)
     elif args.profile:
         profile(args)
+    elif args.freeze_compare:
+        freeze_compare(args)
     else:
         run(args)
 

@@ -1,6 +1,6 @@
 """The two folders of the transfer experiment (docs/results.md, "Does transfer pay?").
 
-    python bench/transfer_folders.py ../shared/data/cifar10-jpg.zip /tmp/transfer
+    python bench/transfer_folders.py ../shared/data/cifar10-jpg.zip ../transfer
 
 Writes, outside the repository, from the CIFAR-10 JPEG zip:
 

@@ -107,7 +107,8 @@ def test_a_dead_rank_ends_the_other_with_an_error(tmp_path):
 def test_sigterm_to_the_group_leaves_one_resumable_checkpoint(tmp_path):
     """SIGTERM to the whole torchrun group (torchrun forwards its own too): the ranks agree
     on the step to stop at, rank 0 writes one checkpoint, every rank exits cleanly, and the
-    run resumes in one process."""
+    run resumes under the same two processes; in one process, whose batches of the epoch are
+    counted differently, the mid-epoch resume is refused in one line."""
     run = tmp_path / "term"
     proc = long_run_past_its_first_epoch(run)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -120,8 +121,13 @@ def test_sigterm_to_the_group_leaves_one_resumable_checkpoint(tmp_path):
     assert "Timeout" not in err and "timed out" not in err.lower(), err[-3000:]
     ckpt = load_checkpoint(run / "checkpoints" / "last.safetensors")
     done = ckpt.meta["epoch"] + 1
-    summary = train(TrainConfig(resume=str(run), epochs=done), progress=False)
-    assert summary["epochs_completed"] == done
+    if ckpt.meta["batch"]:
+        with pytest.raises(UsageError, match="stopped mid-epoch .* resume it with 2, not 1"):
+            train(TrainConfig(resume=str(run), epochs=done), progress=False)
+    again = torchrun(["--resume", str(run), "--epochs", str(done)])
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == done
 
 
 # vggkit's CLI with the first decode of a folder slowed down, as a 63 MB JPEG zip is

@@ -180,9 +180,11 @@ def test_evaluate_other_splits_get_their_own_files(run, tmp_path):
 def test_evaluate_a_lone_checkpoint_writes_beside_it(run, tmp_path):
     lone = tmp_path / "model.safetensors"
     lone.write_bytes((run / "checkpoints" / "last.safetensors").read_bytes())
+    (tmp_path / "confusion_matrix.csv").write_text("the user's own file")
     result = evaluate(lone, precision="fp32")
     assert result["run"] is None
-    assert Path(result["paths"]["csv"]).parent == tmp_path
+    assert Path(result["paths"]["csv"]) == tmp_path / "model.confusion_matrix.csv"
+    assert (tmp_path / "confusion_matrix.csv").read_text() == "the user's own file"
 
 
 def test_evaluate_errors_name_the_flag_or_file(run, tmp_path):
@@ -236,7 +238,7 @@ def test_evaluate_the_validation_split_of_a_run_that_held_one_out(run, tmp_path)
                             progress=False).y_val
     assert result["n"] == len(expected) > 0
     assert [r["support"] for r in result["per_class"]] == np.bincount(expected, minlength=10).tolist()
-    assert Path(result["paths"]["csv"]).name == "confusion_matrix_val.csv"
+    assert Path(result["paths"]["csv"]).name == "held.confusion_matrix_val.csv"  # a lone file's
 
 
 # ----------------------------------------------------------------------------- TTA as in training

@@ -231,20 +231,16 @@ def test_help_shows_the_fine_tuning_group(capsys):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_under_torchrun_frozen_features_train_and_freeze_epochs_is_refused(tmp_path):
-    """Two CPU processes (gloo): DDP leaves the frozen features out and the ranks agree;
-    --freeze-epochs, which would change what DDP synchronises mid-run, is one line."""
+def test_under_torchrun_frozen_features_train(tmp_path):
+    """Two CPU processes (gloo): DDP leaves the frozen features out and the ranks agree (the
+    refusal of --freeze-epochs there is tested without processes, below)."""
     from test_distributed import torchrun
 
     args = ["--model", "vgg_compact", "--image-size", "8", "--batch-size", "32", "--epochs", "1",
             "--precision", "fp32", "--no-report", "--no-health"]
     ok = torchrun([*args, "--freeze-features", "--out", str(tmp_path / "ddp")])
-    refused = torchrun([*args, "--epochs", "2", "--freeze-epochs", "1", "--out", str(tmp_path / "no")])
     _, err = ok.communicate(timeout=300)
     assert ok.returncode == 0, err[-3000:]
-    _, refusal = refused.communicate(timeout=300)
-    assert refused.returncode != 0
-    assert "vggkit: error: --freeze-epochs unfreezes the features mid-run" in refusal
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert len(set(summary["rank_weights_digests"])) == 1
     torch.manual_seed(0)  # the run's initial weights

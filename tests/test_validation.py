@@ -189,7 +189,8 @@ def test_overwrite_starts_afresh_and_keeps_foreign_files(tmp_path):
     run = tmp_path / "run"
     assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1]
     assert not (run / "checkpoints" / "best.safetensors").exists()  # the old run's best
-    assert not (run / "checkpoints" / "stale.safetensors").exists()
+    # a checkpoint vggkit did not write is the user's: it stays (issue 32)
+    assert (run / "checkpoints" / "stale.safetensors").read_bytes() == b"x"
     assert load_checkpoint(run / "checkpoints" / "last.safetensors").meta["epoch"] == 1
     assert (run / "notes.txt").read_text() == "mine"
 

@@ -77,13 +77,13 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from vggkit.config import load_yaml, resolve_config
+    from vggkit.config import load_config_file, resolve_config
     from vggkit.workflow import train
 
     flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
     config = resolve_config(flags, config_file=args.config, recipe=args.recipe)
     # What the user set, so that `--resume RUN --epochs 12` counts even where 12 is a default.
-    explicit = set(flags) | (set(load_yaml(args.config)) if args.config else set())
+    explicit = set(flags) | (set(load_config_file(args.config, warn=False)) if args.config else set())
     summary = train(config, progress=not args.quiet, explicit=explicit,
                     command=command_line("train"))
     if args.json:
@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "final test (default: the run's own value when trained with --tta, else 0)")
     p.add_argument("--out", help="folder for confusion_matrix.csv/.png (default: the run folder)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="default: the run's own, so that its test accuracy is reproduced")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_classes_flag(p)

@@ -7,6 +7,7 @@ Precedence: field defaults < recipe (``--recipe``) < ``--config`` file < command
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -297,6 +298,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def load_config_file(path: str | Path, *, warn: bool = True) -> dict[str, Any]:
+    """``--config FILE``'s options. A run's own config.yaml reused as a template keeps its
+    recipe but not its bookkeeping: its ``out``, ``overwrite`` and ``resume`` would send the
+    new run into the old folder and replace it, so they are dropped, saying so."""
+    from vggkit.runfolder import BOOKKEEPING, written_by_a_run
+
+    values = load_yaml(path)
+    if not written_by_a_run(path):
+        return values
+    acting = [k for k in BOOKKEEPING if values.get(k) not in (None, False)]
+    if acting and warn:
+        logging.getLogger("vggkit.config").warning(
+            "--config %s: written by the run in %s; its %s not used here (a new run folder is "
+            "made: give --out DIR, or --resume %s to continue that run)", path,
+            Path(path).parent, " and ".join(acting) + (" are" if len(acting) > 1 else " is"),
+            Path(path).parent)
+    return {k: v for k, v in values.items() if k not in BOOKKEEPING}
+
+
 def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
     """Value checks that types alone cannot express."""
 
@@ -435,7 +455,7 @@ def resolve_config(
         values = load_recipe(recipe)
         config, given = apply_overrides(config, values, source=f"recipe {recipe}"), given | set(values)
     if config_file:
-        values = load_yaml(config_file)
+        values = load_config_file(config_file)
         config, given = apply_overrides(config, values, source=str(config_file)), given | set(values)
     if flags:
         config = apply_overrides(config, flags, source="command line")

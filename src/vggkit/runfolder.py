@@ -33,6 +33,13 @@ SUFFIX = ".safetensors"
 # What a run writes; --overwrite removes exactly these, nothing else the folder holds.
 OWNED_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "predictions.npz",
                "report.html", "report.md")
+OWNED_CHECKPOINTS = ("last", "best")
+# Options that say where a run goes, not how it trains: recorded in a run's config.yaml, they
+# never act when that file is reused as a template (`--config RUN/config.yaml`).
+BOOKKEEPING = ("out", "overwrite", "resume")
+RUN_CONFIG_HEADER = ("# Written by `vggkit train` for the run in this folder. Reused with "
+                     "--config, its out, overwrite\n# and resume are a record only: they "
+                     "do not act (pass --out or --resume on the command line).\n")
 
 
 def default_run_name(dataset: str, model: str) -> str:
@@ -81,6 +88,21 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not readable JSON: {exc}") from exc
+
+
+def written_by_a_run(config_file: str | Path) -> bool:
+    """Whether ``config_file`` is a run's own config.yaml: it carries the header a run writes,
+    or (runs from before the header) it sits beside the run's metrics or checkpoints."""
+    path = Path(config_file)
+    try:
+        if path.read_text().startswith(RUN_CONFIG_HEADER[:40]):
+            return True
+    except (OSError, UnicodeDecodeError):
+        return False
+    folder = path.parent
+    return path.name == "config.yaml" and (
+        (folder / "metrics.jsonl").is_file()
+        or any((folder / CHECKPOINTS / f"{n}{SUFFIX}").is_file() for n in OWNED_CHECKPOINTS))
 
 
 def run_folder_of(path: str | Path) -> Path | None:
@@ -147,14 +169,15 @@ class RunFolder:
         return self
 
     def _remove_owned(self) -> None:
+        """Only vggkit's own files: a user's ``checkpoints/epoch10.safetensors`` stays."""
         for name in OWNED_FILES:
             (self.path / name).unlink(missing_ok=True)
-        for ckpt in (self.path / CHECKPOINTS).glob(f"*{SUFFIX}"):
-            ckpt.unlink()
+        for name in OWNED_CHECKPOINTS:
+            self.checkpoint(name).unlink(missing_ok=True)
 
     # --- config
     def write_config(self, text: str) -> None:
-        self.config_path.write_text(text)
+        self.config_path.write_text(RUN_CONFIG_HEADER + text)
 
     def read_config(self) -> dict[str, Any]:
         """config.yaml as a mapping; UsageError naming the file when it is not one."""

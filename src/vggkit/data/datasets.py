@@ -366,7 +366,7 @@ def load_dataset(
 
 
 def _photo_dataset(name: str, raw: RawData, x_tr, y_tr, x_te, y_te, x_val, y_val, seed: int) -> Dataset:
-    mean, std = region_stats(*x_tr.sample(PHOTO_STATS_SAMPLE, seed))
+    mean, std = region_stats(x_tr, x_tr.sample_positions(PHOTO_STATS_SAMPLE, seed))
     labels = lambda y: _tensor(y.astype(np.int64)) if y is not None else None  # noqa: E731
     return Dataset(name=name, classes=list(raw.classes), x_train=x_tr, y_train=labels(y_tr),
                    x_test=x_te, y_test=labels(y_te), x_val=x_val, y_val=labels(y_val),

@@ -4,6 +4,7 @@ CSV and PNG, and the terminal table."""
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from vggkit.evaluation.metrics import classification_metrics
 from vggkit.evaluation.plots import confusion_matrix_png
 from vggkit.evaluation.runs import is_torch_weights, load_model, load_split
 from vggkit.models.pretrained import imagenet_model_name
-from vggkit.runfolder import run_folder_of
+from vggkit.runfolder import RunFolder, run_folder_of
+
+log = logging.getLogger("vggkit.evaluate")
 
 
 def _slug(dataset: str) -> str:
@@ -54,7 +57,7 @@ def evaluate(
     tta_translate: int | None = None,
     out_dir: str | Path | None = None,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str | None = None,
     batch_size: int = 512,
     classes_file: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -63,7 +66,8 @@ def evaluate(
     dataset, prepared exactly as in training.
 
     Writes ``confusion_matrix.csv`` and ``.png`` into ``out_dir`` (default: the run folder;
-    for a lone checkpoint file, its folder); splits other than test and other datasets get a
+    for a lone checkpoint file, its folder, as ``<file stem>.confusion_matrix.csv``, and a
+    replaced earlier evaluation is logged); splits other than test and other datasets get a
     suffix (see ``output_stem``). Returns a JSON-able dict.
 
     ``tta`` averages with the mirror image, and with ``tta_translate`` t also the views
@@ -88,6 +92,11 @@ def evaluate(
     run = run_folder_of(path)
     meta = ckpt.meta
     translate = resolve_translate(tta, tta_translate, meta["config"])
+    side = int(meta["image_shape"][-1])
+    if translate >= side:  # checked as train checks it, before any data is read
+        raise UsageError(f"--tta-translate {translate}: must be smaller than the image side {side} "
+                         "(the shifted views reflect-pad the image by that many pixels)")
+    precision = precision or run_precision(meta, run)
     data = load_split(meta, split, dataset=dataset, data_dir=data_dir)
     engine = make_engine(device, precision, meta["config"].get("channels_last", True), False)
     model = engine.prepare(model)
@@ -114,7 +123,12 @@ def evaluate(
     try:
         out.mkdir(parents=True, exist_ok=True)
         stem = output_stem(split, dataset, meta["config"]["dataset"])
+        if run is None and not imagenet:  # a lone file: named after it, beside others
+            stem = f"{ckpt.path.stem}.{stem}"
         csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
+        if run is None and (csv_path.exists() or png_path.exists()):
+            log.warning("evaluate: replacing %s and .png (an earlier evaluation of %s)",
+                        csv_path, ckpt.path.name)
         write_confusion_csv(csv_path, result["confusion_matrix"], result["classes"])
         title = (f"{data.dataset} {split} split, n={result['n']}, top-1 "
                  f"{100 * result['top1']:.2f}%{' (TTA)' if tta else ''}")
@@ -124,6 +138,19 @@ def evaluate(
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     result["paths"] = {"csv": str(csv_path), "png": str(png_path)}
     return result
+
+
+def run_precision(meta: dict[str, Any], run: Path | None) -> str:
+    """The precision the run was tested in (so that evaluate reproduces summary.json): the
+    checkpoint's, else its summary's, else its config's; fp16 off a GPU becomes auto."""
+    import torch
+
+    summary = (RunFolder(run).read_summary() or {}) if run is not None else {}
+    own = meta.get("precision") or summary.get("precision") or meta["config"].get("precision", "auto")
+    if own == "fp16" and not torch.cuda.is_available():
+        log.info("evaluate: the run was trained in fp16 on a GPU; no GPU here: --precision auto")
+        return "auto"
+    return own
 
 
 def resolve_translate(tta: bool, tta_translate: int | None, config: dict[str, Any]) -> int:

@@ -80,12 +80,15 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """(chosen precision, why) for ``--precision``."""
     if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        # Native bf16 only (Ampere and newer): a T4 or V100 "supports" it by emulation, slowly;
+        # those get fp16 with loss scaling.
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
         if precision == "auto":
             return ("bf16", "CUDA device supports bf16") if bf16_ok else (
                 "fp16", "CUDA device without bf16: fp16 autocast with loss scaling")
         if precision == "bf16" and not bf16_ok:
-            raise UsageError("--precision bf16: this CUDA device does not support bf16")
+            raise UsageError("--precision bf16: this CUDA device has no native bf16 (it would be "
+                             "emulated, slowly); use --precision fp16 or auto")
         return precision, "as asked"
     if precision == "fp16":
         raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU")

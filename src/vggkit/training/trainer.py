@@ -16,7 +16,6 @@ The report is not this layer's business: the caller writes it (``vggkit.workflow
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from vggkit import __version__
-from vggkit.config import FIELDS, IMAGENET_INIT, TrainConfig, apply_overrides, check_tta_translate
+from vggkit.config import IMAGENET_INIT, TrainConfig, check_tta_translate
 from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.models import (
     count_parameters,
@@ -62,14 +61,10 @@ from vggkit.training.finetune import FeatureFreeze
 from vggkit.training.health import HealthMonitor
 from vggkit.training.optim import Lookahead, Schedule, build_optimizer, set_lr
 from vggkit.training.progress import Progress
+from vggkit.training.resume import check_world_size, resolve_resume
 from vggkit.training.scoring import collect_logits, score
 
 log = logging.getLogger("vggkit.train")
-
-# Schedules whose rate at a step depends on the total number of steps: a resume that
-# changes --epochs would bend their curve mid-run.
-TOTAL_DEPENDENT_SCHEDULES = ("onecycle", "cosine", "triangle")
-
 
 class TrainingInterrupted(VggkitError):
     """SIGINT/SIGTERM: a checkpoint was written; the message holds the resume command."""
@@ -93,62 +88,19 @@ def train(config: TrainConfig, *, progress: bool = True, explicit: set[str] | No
     if config.resume:
         config, checkpoint = resolve_resume(config, explicit)
     trainer = Trainer(config, checkpoint, progress=progress)
+    if trainer.state.stopped_early:
+        log.info("--resume %s: it stopped early at epoch %d of %d (no better validation "
+                 "accuracy for %d epochs): nothing to train; to go on, resume with a larger "
+                 "--early-stop", config.resume, trainer.state.epoch,
+                 config.epochs, trainer.state.stale_epochs)
     with StopFlag() as stop:
-        for epoch in range(trainer.state.epoch, config.epochs):
+        last = trainer.state.epoch if trainer.state.stopped_early else config.epochs
+        for epoch in range(trainer.state.epoch, last):
             totals = trainer.train_epoch(epoch, stop)
             trainer.end_epoch(epoch, totals)
             if trainer.state.stopped_early:
                 break
     return trainer.finish(wall_start, load_start, command)
-
-
-# ----------------------------------------------------------------------------- resume
-def resolve_resume(config: TrainConfig, explicit: set[str] | None = None
-                   ) -> tuple[TrainConfig, Checkpoint | None]:
-    """With --resume RUN: the run's saved config, overridden by the options the user gave
-    (``explicit``, from the CLI; from the API, those that differ from the defaults), e.g.
-    more --epochs; and its last checkpoint."""
-    run = RunFolder(config.resume)
-    if not run.config_path.is_file():
-        raise UsageError(f"--resume {run}: not a run folder (no config.yaml)")
-    saved = run.read_config()
-    defaults = TrainConfig()
-    given = explicit if explicit is not None else {
-        name for name in FIELDS if getattr(config, name) != getattr(defaults, name)}
-    changed = {name: getattr(config, name) for name in given if name not in ("resume", "out")}
-    merged = apply_overrides(TrainConfig(), {**saved, **changed}, source=str(run.config_path))
-    merged = dataclasses.replace(merged, resume=str(run.path), out=str(run.path))
-    if not run.checkpoint("last").is_file():
-        # Stopped before its first checkpoint: nothing to continue, so start it again.
-        log.warning("--resume %s: no checkpoint yet; training it from the start", run)
-        return merged, None
-    checkpoint = load_checkpoint(run.checkpoint("last"))
-    check_resume_changes(checkpoint.meta.get("config", {}), merged)
-    return merged, checkpoint
-
-
-def check_resume_changes(trained: dict[str, Any], resumed: TrainConfig) -> None:
-    """Refuse a resume that would silently change the learning-rate curve or the data
-    position: the checkpoint counts steps in batches of its own size, and one-cycle,
-    cosine, triangle and lookahead place every step relative to the run's total length."""
-    old_batch = trained.get("batch_size", resumed.batch_size)
-    if old_batch != resumed.batch_size:
-        raise UsageError(
-            f"--batch-size {resumed.batch_size}: the run was trained with batch size "
-            f"{old_batch}, and its position, schedule and data order count batches of that "
-            "size; resume it with its own batch size, or start a new run (--init-from)")
-    old_epochs = trained.get("epochs", resumed.epochs)
-    if old_epochs == resumed.epochs:
-        return
-    reason = (f"--schedule {resumed.schedule}" if resumed.schedule in TOTAL_DEPENDENT_SCHEDULES
-              else "--lookahead" if resumed.lookahead else None)
-    if reason:
-        raise UsageError(
-            f"--epochs {resumed.epochs}: the run was planned for {old_epochs} epochs, and "
-            f"{reason} shapes every step by the total, so continuing to {resumed.epochs} "
-            "would change the curve it already followed; train a new run with "
-            f"--epochs {resumed.epochs} instead (a constant, step, plateau or time-decay "
-            "schedule can be extended)")
 
 
 # ----------------------------------------------------------------------------- setup parts
@@ -275,6 +227,10 @@ def build_model(config: TrainConfig, data: Data, engine: Engine, dist: D.DistInf
         load_init_weights(config, model, data.dataset.classes)
     params = count_parameters(model)
     model = engine.prepare(model)
+    if config.sync_bn and engine.device.type != "cuda":
+        raise UsageError(f"--sync-bn: SyncBatchNorm needs CUDA devices (torchrun on GPUs), not "
+                         f"{engine.device.type}; leave it off here (each process keeps its own "
+                         "BatchNorm statistics)")
     if dist.enabled and config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, params
@@ -374,7 +330,7 @@ class Trainer:
         if not self.main:
             logging.getLogger("vggkit").setLevel(logging.WARNING)
         self.lr = config.lr * (self.dist.world_size if config.scale_lr == "linear" else 1)
-        self.run = self._open_run_folder(resuming=checkpoint is not None)
+        self.run = self._open_run_folder(checkpoint is not None)
         log.info("device %s, precision %s (%s)%s", self.engine.device, self.engine.precision,
                  self.engine.precision_reason,
                  f", {self.dist.world_size} processes" if self.dist.enabled else "")
@@ -403,6 +359,8 @@ class Trainer:
         self.net = self._wrap(self.model)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.step = TrainStep(self.net, self.optimizer, loss_fn, self.engine)
+        if checkpoint is not None and self.step.scaler is not None and checkpoint.meta.get("scaler"):
+            self.step.scaler.load_state_dict(checkpoint.meta["scaler"])  # fp16: its loss scale
         self.meta = self._checkpoint_meta()
         if self.main:
             self.run.write_config(config.to_yaml())
@@ -410,13 +368,16 @@ class Trainer:
             else None
         self._restore_metrics(resuming=checkpoint is not None)
 
-    def _open_run_folder(self, resuming: bool) -> RunFolder:
-        """Rank 0 creates it; the others learn its path."""
+    def _open_run_folder(self, has_checkpoint: bool) -> RunFolder:
+        """Rank 0 creates it; the others learn its path. ``--resume`` of a run stopped before
+        its first checkpoint trains it again from the start, in the same folder."""
         config = self.config
         out = None
         if self.main:
             path = config.out or default_run_name(config.dataset, config.model)
-            out = RunFolder(path).create(resuming=resuming, overwrite=config.overwrite)
+            restart = bool(config.resume) and not has_checkpoint
+            out = RunFolder(path).create(resuming=has_checkpoint,
+                                         overwrite=config.overwrite or restart)
         return RunFolder(D.broadcast_object(str(out) if out else None, self.dist))
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -444,6 +405,7 @@ class Trainer:
                         "train": len(d.dataset.x_train), "test": len(d.dataset.x_test),
                         "val": len(d.dataset.x_val) if d.has_val else 0},
             "world_size": self.dist.world_size,
+            "precision": self.engine.precision,  # as resolved: evaluate's default
         }
 
     # --- restore
@@ -470,6 +432,10 @@ class Trainer:
         self.state = LoopState(epoch=meta["epoch"], batch=meta.get("batch", 0),
                                best=meta["best"], stale_epochs=meta.get("stale_epochs", 0),
                                partial_totals=meta.get("partial_totals"))
+        # An early stop holds on resume unless the resume changed --early-stop to go on.
+        self.state.stopped_early = bool(meta.get("stopped_early") and c.early_stop
+                                        and self.state.stale_epochs >= c.early_stop)
+        check_world_size(meta, self.dist.world_size, c.resume)
         if meta.get("world_size", 1) == self.dist.world_size:
             set_rng_state(checkpoint.rng, self.engine.device)
         log.info("resuming %s at epoch %d%s", self.run, self.state.epoch + 1,
@@ -490,7 +456,9 @@ class Trainer:
             return
         s = self.state
         meta = {**self.meta, "epoch": epoch, "batch": batch, "best": s.best,
-                "stale_epochs": s.stale_epochs, "schedule_state": self.schedule.state,
+                "stale_epochs": s.stale_epochs, "stopped_early": s.stopped_early,
+                "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else None,
+                "schedule_state": self.schedule.state,
                 "partial_totals": totals}
         optimizer_state = None
         if with_state:
@@ -590,14 +558,15 @@ class Trainer:
                   "images_per_second": sums[2].item() / max(1e-9, totals.seconds),
                   "train_samples": int(sums[2].item()), "elapsed_seconds": s.train_seconds}
         s.epoch, s.batch, s.partial_totals = epoch + 1, 0, None
+        # Decided before the checkpoint is written, so that a resume knows the run stopped.
+        s.stopped_early = bool(c.early_stop and s.stale_epochs >= c.early_stop)
         self._save_epoch(record, epoch, improved)
         log.info("epoch %d/%d  loss %.4f  acc %.2f%%  %s_loss %.4f  %s_acc %.2f%%%s  lr %.4g  "
                  "%.1fs  %s img/s", epoch + 1, c.epochs, train_loss, 100 * train_acc, split,
                  loss, split, 100 * acc, " (monitoring only)" if split == "test" else "",
                  record["lr"], totals.seconds, f"{record['images_per_second']:,.0f}")
-        if c.early_stop and s.stale_epochs >= c.early_stop:
+        if s.stopped_early:
             log.info("early stop: no better validation accuracy for %d epochs", s.stale_epochs)
-            s.stopped_early = True
         return record
 
     def evaluate_sharded(self, loader) -> tuple[float, float]:
