@@ -151,3 +151,20 @@ def test_evaluate_checks_the_tta_shift_and_defaults_to_the_runs_precision(tmp_pa
     result = evaluate(run)
     assert result["precision"] == "fp32"
     assert result["top1"] == json.loads((run / "summary.json").read_text())["test_acc"]
+
+
+@pytest.mark.parametrize("device, backend", [("cuda", "cpu:gloo,cuda:nccl"), ("cpu", "gloo")])
+def test_the_process_group_serves_the_cpu_tensors_of_a_gpu_run(monkeypatch, device, backend):
+    """Under torchrun on GPUs the epoch's sums are CPU tensors, which NCCL alone cannot
+    reduce: the group pairs NCCL (CUDA tensors) with gloo (CPU ones). CUDA calls mocked."""
+    from vggkit.training import distributed as D
+
+    started = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(D.dist, "init_process_group",
+                        lambda backend, **kw: started.setdefault("backend", backend))
+    info = D.init_distributed(torch.device(device))
+    assert info.enabled and started["backend"] == backend

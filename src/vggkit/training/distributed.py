@@ -60,7 +60,10 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # On GPUs, NCCL for CUDA tensors and gloo for the CPU ones (the epoch's sums, object
+        # collectives): NCCL alone serves only CUDA tensors, and a CPU all-reduce would fail
+        # at the end of the first epoch.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(
@@ -130,7 +133,7 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     if not info.enabled:
         return flag
     box = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
+    if dist.get_backend() == "nccl":  # a group started elsewhere with NCCL alone
         box = box.cuda()
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return bool(box.item())
