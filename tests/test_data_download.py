@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import http.server
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,47 +18,7 @@ from vggkit.data import load_dataset as _load_dataset
 load_dataset = functools.partial(_load_dataset, val_split=0)
 from vggkit.data import testing as T
 from vggkit.errors import DataError
-
-
-class _Server:
-    """Serves ``files`` (URL path -> bytes); paths in ``drop`` send half the body, then hang up."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.drop: set[str] = set()
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                outer.requests.append(self.path)
-                blob = outer.files.get(self.path)
-                if blob is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(blob)))
-                self.end_headers()
-                if self.path in outer.drop:
-                    self.wfile.write(blob[: len(blob) // 2])
-                    self.close_connection = True
-                    return
-                self.wfile.write(blob)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from local_server import LocalServer as _Server
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ whose name carries its own sha256 prefix, as torchvision's names do."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,47 +26,13 @@ from vggkit.models import create_model
 from vggkit.models import pretrained as P
 from vggkit.training.checkpoint import load_checkpoint
 from vggkit.training.trainer import Trainer, resolve_resume
-
-
-class Server:
-    """Serves ``files`` (URL path -> bytes) on 127.0.0.1 and records the paths asked for."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                outer.requests.append(self.path)
-                blob = outer.files.get(self.path)
-                if blob is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(blob)))
-                self.end_headers()
-                self.wfile.write(blob)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from local_server import LocalServer as Server
 
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    s = Server()
-    yield s
-    s.close()
+    with Server() as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
