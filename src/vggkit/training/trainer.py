@@ -59,7 +59,13 @@ from vggkit.training.checkpoint import (
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine
 from vggkit.training.finetune import FeatureFreeze
 from vggkit.training.health import HealthMonitor
-from vggkit.training.optim import Lookahead, Schedule, build_optimizer, set_lr
+from vggkit.training.optim import (
+    Lookahead,
+    Schedule,
+    build_optimizer,
+    set_lr,
+    settle_fused_state,
+)
 from vggkit.training.progress import Progress
 from vggkit.training.resume import check_world_size, resolve_resume
 from vggkit.training.scoring import collect_logits, score
@@ -421,6 +427,7 @@ class Trainer:
                 state = {**state, "state": {k: v for k, v in state["state"].items()
                                             if int(k) >= 0}}
             self.optimizer.load_state_dict(state)
+            settle_fused_state(self.optimizer)
         except (RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(
@@ -474,6 +481,7 @@ class Trainer:
         c, steps = self.config, len(self.data.train)
         self.net.train()
         frozen = self.freeze.apply(epoch)  # a function of the epoch: resume-exact
+        settle_fused_state(self.optimizer)
         if self.arch.whiten_kernel and c.whiten_bias_epochs is not None and not frozen:
             self.model.features[0].bias.requires_grad_(epoch < c.whiten_bias_epochs)
         resumed = epoch == self.state.epoch and self.state.batch
