@@ -169,6 +169,18 @@ def main(argv=None) -> int:
         assert s["epochs_completed"] == 2, s["epochs_completed"]
         return f"epochs {s['epochs_completed']}, test {100 * s['test_acc']:.2f}%"
 
+    @check("VGG-11-BN: --grad-accum 4, --class-weights auto, --balanced-sampling, --time-budget")
+    def _():
+        config = TrainConfig(**base, model="vgg11_bn", head="linear", grad_accum=4,
+                             class_weights="auto", balanced_sampling=True,
+                             time_budget="1m" if small else "2m",
+                             batch_size=64 if small else 256, out=str(work / "v11"))
+        s = train(config, progress=False)
+        b = s["time_budget"]
+        return (f"{b['epochs']} epochs planned at ~{b['images_per_second']:,.0f} img/s, took "
+                f"{s['wall_seconds']:.0f} s of {b['budget_seconds']:.0f}; test "
+                f"{100 * s['test_acc']:.2f}%")
+
     @check("evaluate the run")
     def _():
         from vggkit.evaluation import evaluate

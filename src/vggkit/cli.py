@@ -305,6 +305,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = meta["choices"]
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
+        if meta.get("const") is not None:
+            kwargs.update(nargs="?", const=meta["const"])
         # Values stay strings here; config.coerce converts them with messages naming the flag.
         group.add_argument(flag, **kwargs)
     parser.add_argument("--config", metavar="FILE", help="YAML file of options (keys = flag "

@@ -31,9 +31,11 @@ IMAGENET_INIT = "imagenet"  # --init-from imagenet: torchvision's ImageNet weigh
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, group: str = "training",
-        cli: bool = True, metavar: str | None = None) -> Any:
-    """A config field with its command-line help; ``field(default_factory)`` for lists."""
-    meta = {"help": help, "choices": choices, "group": group, "cli": cli, "metavar": metavar}
+        cli: bool = True, metavar: str | None = None, const: Any = None) -> Any:
+    """A config field with its command-line help; ``field(default_factory)`` for lists.
+    ``const``: the flag's value may be left out (``--mlflow`` alone means ``--mlflow mlruns``)."""
+    meta = {"help": help, "choices": choices, "group": group, "cli": cli, "metavar": metavar,
+            "const": const}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -107,6 +109,9 @@ class TrainConfig:
                               "memory-mapped cache ahead of the step", choices=PLACEMENTS,
                               group="data")
     drop_last: bool = opt(False, "drop each epoch's last incomplete training batch")
+    balanced_sampling: bool = opt(False, "each epoch draws every class equally often (seeded; "
+                                  "a small class's images recur, a large class is subsampled), "
+                                  "so an epoch keeps its number of images", group="data")
     # --- optimisation
     epochs: int = opt(12, "training epochs")
     batch_size: int = opt(64, "images per step (per process under torchrun)")
@@ -130,6 +135,18 @@ class TrainConfig:
     decay: float = opt(1e-6, "time-decay schedule: lr / (1 + decay * iterations), Keras's "
                        "legacy `decay`")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
+    class_weights: str | None = opt(None, "loss weight per class: 'auto' gives n / (classes x "
+                                    "n_class), scikit-learn's balanced weights (Keras's "
+                                    "class_weight); or a YAML/JSON file of class: weight",
+                                    metavar="auto|FILE")
+    grad_accum: int = opt(1, "split each batch of --batch-size into this many chunks and add "
+                          "their gradients before one step: the same step as the whole batch "
+                          "(to float rounding; BatchNorm sees the chunks) in a fraction of the "
+                          "memory", metavar="N")
+    time_budget: str | None = opt(None, "train to a time limit, like 90m, 1.5h or 600s: a few "
+                                  "steps are timed and --epochs is set so that the run, its "
+                                  "final test and report end within it; the schedule is sized "
+                                  "to that many epochs", metavar="TIME")
     triangle: list[float] = opt([0.2, 0.23, 0.07], "triangle schedule: start factor, peak "
                                 "position (fraction of training), end factor (airbench's)",
                                 metavar="START,PEAK,END")
@@ -194,6 +211,10 @@ class TrainConfig:
                            metavar="SECONDS")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard extra)",
                             group="output")
+    mlflow: str | None = opt(None, "also log to MLflow (the mlflow extra): parameters, "
+                             "per-epoch metrics, the summary and the report; a tracking URI, "
+                             "or alone for a local ./mlruns store", group="output",
+                             metavar="URI", const="mlruns")
     report: bool = opt(True, "write the HTML/Markdown report at the end", group="output")
     tta: bool = opt(False, "final test accuracy averages the horizontally flipped view",
                     group="output")
@@ -394,9 +415,35 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
         raise bad("whiten_bias_epochs", "must not be negative")
     if config.image_size is not None:
         check_tta_translate(config, config.image_size, source)
+    if config.grad_accum < 1:
+        raise bad("grad_accum", "must be a positive integer")
+    if config.grad_accum > config.batch_size:
+        raise bad("grad_accum", f"must not exceed --batch-size {config.batch_size} (each chunk "
+                  "needs an image)")
+    if config.time_budget is not None:
+        parse_duration(config.time_budget, "--time-budget" if source == "command line"
+                       else f"{source}: time_budget")
     validate_photos(config, bad)
     validate_finetune(config, bad)
     return config
+
+
+DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str, where: str = "--time-budget") -> float:
+    """``90m``, ``1.5h``, ``600s``, ``1h30m`` -> seconds."""
+    import re
+
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|min|m|sec|s)", text.strip().lower())
+    rebuilt = "".join(f"{n}{u}" for n, u in parts)
+    if not parts or rebuilt != re.sub(r"\s+", "", text.strip().lower()):
+        raise UsageError(f"{where} {text!r}: give a time with its unit, like 90m, 1.5h, 600s "
+                         "or 1h30m")
+    seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UsageError(f"{where} {text!r}: must be longer than zero")
+    return seconds
 
 
 def validate_finetune(config: TrainConfig, bad) -> None:

@@ -31,8 +31,9 @@ from vggkit.errors import CheckpointError, UsageError
 CHECKPOINTS = "checkpoints"
 SUFFIX = ".safetensors"
 # What a run writes; --overwrite removes exactly these, nothing else the folder holds.
+MLFLOW_RECORD = "mlflow.json"  # --mlflow: the tracking store and run id a resume continues
 OWNED_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "predictions.npz",
-               "report.html", "report.md")
+               "report.html", "report.md", MLFLOW_RECORD)
 OWNED_CHECKPOINTS = ("last", "best")
 # Options that say where a run goes, not how it trains: recorded in a run's config.yaml, they
 # never act when that file is reused as a template (`--config RUN/config.yaml`).

@@ -9,28 +9,32 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from vggkit.config import TrainConfig
 from vggkit.errors import UsageError, VggkitError
+from vggkit.result import TrainResult
 from vggkit.runfolder import RunFolder
 from vggkit.training import trainer
+from vggkit.training.tracking import log_run_files
 
 log = logging.getLogger("vggkit.train")
 
 
 def train(config: TrainConfig, *, progress: bool = True, explicit: set[str] | None = None,
-          command: str | None = None) -> dict[str, Any]:
+          command: str | None = None) -> TrainResult:
     """Train as ``config`` says (``vggkit.training.trainer.train``), then write the report
-    (unless ``config.report`` is off; under torchrun only rank 0 writes). Returns the
-    summary."""
+    (unless ``config.report`` is off; under torchrun only rank 0 writes) and hand the run's
+    files to MLflow (``--mlflow``). Returns the summary as a :class:`TrainResult`: a dict,
+    with the per-epoch ``history`` and ``report()`` for notebooks."""
     if config.lr == "auto" and not config.resume:
         config = with_found_lr(config, progress)
     summary = trainer.train(config, progress=progress, explicit=explicit, command=command)
     resolved = summary.get("run")
-    if resolved and os.environ.get("RANK", "0") == "0" and wants_report(Path(resolved)):
-        write_run_report(Path(resolved))
-    return summary
+    if resolved and os.environ.get("RANK", "0") == "0":
+        if wants_report(Path(resolved)):
+            write_run_report(Path(resolved))
+        log_run_files(Path(resolved))
+    return TrainResult(summary)
 
 
 def with_found_lr(config: TrainConfig, progress: bool) -> TrainConfig:

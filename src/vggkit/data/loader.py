@@ -174,6 +174,7 @@ class Loader:
         world_size: int = 1,
         photo: Any = None,
         placement: str = "auto",
+        balanced: bool = False,
     ) -> None:
         if not isinstance(images, MappedImages) and (images.dtype != torch.uint8 or images.dim() != 4):
             raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
@@ -227,6 +228,10 @@ class Loader:
         self._cols = torch.arange(w, device=self.device)
         self._n = n
         self._num_batches, self._total = self._plan(n)
+        # --balanced-sampling: each class's members, for an epoch order that draws them evenly
+        host_labels = labels.cpu()
+        self._by_class = ([torch.nonzero(host_labels == c).flatten() for c in host_labels.unique()]
+                          if balanced and shuffle else None)
 
     def describe(self) -> str:
         """Where the data lives, in a few words, for the run's log."""
@@ -273,7 +278,8 @@ class Loader:
         """The sample indices (CPU int64) this rank visits in ``epoch``, in order."""
         if self.shuffle:
             gen = torch.Generator().manual_seed(_stream_seed(self.seed, epoch, 0))
-            order = torch.randperm(self._n, generator=gen)
+            order = (balanced_order(self._by_class, self._n, gen) if self._by_class is not None
+                     else torch.randperm(self._n, generator=gen))
         else:
             order = torch.arange(self._n)
         return order[: self._total][self.rank :: self.world_size].clone()
@@ -399,6 +405,24 @@ class Loader:
 
 
 _END = object()
+
+
+def balanced_order(by_class: list[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` indices that hold every class ``n // K`` times (a seeded ``n % K`` of them once
+    more), shuffled: each class's members in fresh permutations, as many as its share needs,
+    so a small class's images recur evenly and a large class is subsampled without repeats.
+    Like PyTorch's WeightedRandomSampler with inverse-frequency weights, but with exact
+    shares and no image drawn twice before every image of its class was drawn once."""
+    k = len(by_class)
+    shares = torch.full((k,), n // k, dtype=torch.int64)
+    shares[torch.randperm(k, generator=gen)[: n % k]] += 1
+    parts = []
+    for members, share in zip(by_class, shares.tolist()):
+        rounds = -(-share // len(members))
+        drawn = [members[torch.randperm(len(members), generator=gen)] for _ in range(rounds)]
+        parts.append(torch.cat(drawn)[:share])
+    order = torch.cat(parts)
+    return order[torch.randperm(n, generator=gen)]
 
 
 def prefetched(build: Callable[[Any], Any], items: Sequence[Any], depth: int) -> Iterator[Any]:

@@ -310,6 +310,8 @@ def results_table(run: RunData) -> Table:
         ["epochs", f"{s.get('epochs_completed', len(run.rows))} of {cfg.get('epochs', '?')}"
                    f"{' (stopped early)' if s.get('stopped_early') else ''}"],
         ["test accuracy (final weights)", pct(s.get("test_acc")) + (" (TTA)" if s.get("tta") else "")],
+        ["balanced accuracy (mean per-class recall)", pct(s.get("balanced_acc"))
+         if s.get("balanced_acc") is not None else "n/a"],
         ["top-5 accuracy", pct(s.get("top5_acc")) if s.get("top5_acc") is not None else "n/a"],
         ["test loss", f"{s['test_loss']:.4f}" if s.get("test_loss") is not None else "n/a"],
         ["validation", s.get("val_source") or "n/a"],
@@ -321,6 +323,13 @@ def results_table(run: RunData) -> Table:
         ["device, precision", f"{engine.get('device', '?')}, {s.get('precision', '?')}"],
         ["augmentation", augmentation(cfg)],
     ]
+    if s.get("time_budget"):
+        b = s["time_budget"]
+        rows.append(["time budget", f"{duration(b['budget_seconds'])}: {b['epochs']} epochs planned "
+                     f"at ~{b['images_per_second']:,.0f} img/s to end in "
+                     f"~{duration(b['planned_seconds'])}; the run took "
+                     f"{duration(b['seconds_before_report'])} before this report"
+                     + (" (this piece of a resumed run)" if b.get("resumed") else "")])
     if s.get("skipped_images"):
         rows.append(["skipped image files", f"{s['skipped_images']:,} (--skip-bad-images)"])
     if s.get("health") is not None:  # the training health checks' findings, one a line
@@ -329,6 +338,23 @@ def results_table(run: RunData) -> Table:
         p = s["params"]
         rows.insert(2, ["parameters", f"{p['total']:,} ({p['trainable']:,} trainable)"])
     return Table(["", ""], rows)
+
+
+def per_class_table(m: dict[str, Any], counts: dict[str, list[int]] | None) -> Table:
+    """Precision, recall (beside it the training images of the class: an unbalanced set shows
+    where the recall goes) and F1 per class."""
+    train = (counts or {}).get("train")
+    if train is not None and len(train) != len(m["per_class"]):
+        train = None
+    rows = [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
+             f"{r['support']:,}", *([f"{train[i]:,}"] if train else [])]
+            for i, r in enumerate(m["per_class"])]
+    rows.append(["macro average", f"{m['macro']['precision']:.4f}",
+                 f"{m['macro']['recall']:.4f}", f"{m['macro']['f1']:.4f}", f"{m['n']:,}",
+                 *([f"{sum(train):,}"] if train else [])])
+    header = ["class", "precision", "recall", "F1", "test images", *(["training images"]
+                                                                     if train else [])]
+    return Table(header, rows, numeric=set(range(1, len(header))))
 
 
 def best_text(run: RunData) -> str:
@@ -382,12 +408,7 @@ def run_blocks(run: RunData, prefix: str, level: int) -> list[Block]:
             blocks.append(Items([f"{p['true']} → {p['predicted']}: {p['count']}" for p in pairs]))
         blocks += cam_blocks(run, prefix, h + 1)
         blocks.append(Heading(h + 1, "Per-class metrics", f"{prefix}per-class"))
-        rows = [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
-                 f"{r['support']:,}"] for r in m["per_class"]]
-        rows.append(["macro average", f"{m['macro']['precision']:.4f}",
-                     f"{m['macro']['recall']:.4f}", f"{m['macro']['f1']:.4f}", f"{m['n']:,}"])
-        blocks.append(Table(["class", "precision", "recall", "F1", "support"], rows,
-                            numeric={1, 2, 3, 4}))
+        blocks.append(per_class_table(m, (run.summary or {}).get("class_counts")))
         blocks.append(Heading(h + 1, "Misclassified test images", f"{prefix}misclassified"))
         if run.grid is not None:
             images, true, pred, prob = run.grid

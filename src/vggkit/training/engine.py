@@ -368,28 +368,61 @@ class TrainStep:
 
     Returns the loss (fp32, detached) and the number of correct top-1 predictions, both as
     device tensors, so the loop never waits on the device mid-epoch.
+
+    ``accumulate`` N > 1 (``--grad-accum``) runs the batch as N chunks, each backward adding to
+    the gradients, then one update: each chunk's summed loss is divided by the whole batch's
+    count (or class-weight sum), so the gradients are the whole batch's to float rounding,
+    BatchNorm aside (it normalises each chunk by its own statistics). Under torchrun the
+    chunks before the last skip DistributedDataParallel's all-reduce (``no_sync``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: nn.Module, engine: Engine) -> None:
+                 loss_fn: nn.Module, engine: Engine, accumulate: int = 1) -> None:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.engine = engine
         self.scaler = engine.make_scaler()
+        self.accumulate = accumulate
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        with self.engine.autocast():
-            logits = self.model(images)
-            loss = self.loss_fn(logits.float(), labels)
+        chunks = min(self.accumulate, len(labels))
+        if chunks == 1:
+            loss, correct = self._forward_backward(images, labels, None)
+        else:
+            loss, correct = self._accumulate(images, labels, chunks)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
+        return loss, correct
+
+    def _accumulate(self, images: torch.Tensor, labels: torch.Tensor, chunks: int):
+        weight = getattr(self.loss_fn, "weight", None)
+        total = weight[labels].sum() if weight is not None else float(len(labels))
+        loss = correct = 0
+        pieces = list(zip(images.tensor_split(chunks), labels.tensor_split(chunks)))
+        for i, (x, y) in enumerate(pieces):
+            quiet = i < chunks - 1 and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if quiet else contextlib.nullcontext():
+                part_loss, part_correct = self._forward_backward(x, y, total)
+            loss, correct = loss + part_loss, correct + part_correct
+        return loss, correct
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor,
+                          total: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and backward of one batch, or of one chunk (its summed loss / ``total``)."""
+        with self.engine.autocast():
+            logits = self.model(images)
+            if total is None:
+                loss = self.loss_fn(logits.float(), labels)
+            else:
+                loss = nn.functional.cross_entropy(
+                    logits.float(), labels, weight=getattr(self.loss_fn, "weight", None),
+                    label_smoothing=self.loss_fn.label_smoothing, reduction="sum") / total
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         correct = (logits.detach().argmax(1) == labels).sum()
         return loss.detach().float(), correct
 

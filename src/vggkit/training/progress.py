@@ -1,6 +1,7 @@
-"""Progress within an epoch: a tqdm bar on a terminal, and elsewhere (nohup, CI logs,
-``| tee``, notebooks) one plain log line every ``log_every`` seconds, so a long epoch is
-never silent."""
+"""Progress within an epoch: a tqdm bar on a terminal, one updating bar per epoch in a
+Jupyter notebook (tqdm.auto's widget, kept as Keras's ``fit`` keeps its lines), and elsewhere
+(nohup, CI logs, ``| tee``) one plain log line every ``log_every`` seconds, so a long epoch
+is never silent."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def in_notebook() -> bool:
+    """A Jupyter kernel (not a terminal IPython): its output is not a tty but shows widgets."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class Progress:
     """``steps`` batches of one epoch, ``first`` of them already done (a resume)."""
 
@@ -31,11 +39,15 @@ class Progress:
         self.done = first
         self.bar = None
         self.log_every = log_every if enabled else 0.0
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
+        notebook = enabled and in_notebook()
+        if enabled and (notebook or sys.stderr.isatty()):
+            if notebook:
+                from tqdm.auto import tqdm
+            else:
+                from tqdm import tqdm
 
             self.bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}/{epochs}",
-                            unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+                            unit="batch", leave=notebook, dynamic_ncols=True, file=sys.stderr)
             self.log_every = 0.0
 
     def due(self) -> bool:

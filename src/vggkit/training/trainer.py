@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from vggkit import __version__
-from vggkit.config import IMAGENET_INIT, TrainConfig, check_tta_translate
+from vggkit.config import IMAGENET_INIT, TrainConfig, check_tta_translate, parse_duration
 from vggkit.errors import CheckpointError, UsageError, VggkitError
 from vggkit.models import (
     count_parameters,
@@ -56,9 +56,10 @@ from vggkit.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from vggkit.training import balance, budget
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine
 from vggkit.training.finetune import FeatureFreeze
-from vggkit.training.health import HealthMonitor
+from vggkit.training.health import Finding, HealthMonitor
 from vggkit.training.optim import (
     Lookahead,
     Schedule,
@@ -69,6 +70,7 @@ from vggkit.training.optim import (
 from vggkit.training.progress import Progress
 from vggkit.training.resume import check_world_size, resolve_resume
 from vggkit.training.scoring import collect_logits, score
+from vggkit.training.tracking import Trackers
 
 log = logging.getLogger("vggkit.train")
 
@@ -90,17 +92,20 @@ def train(config: TrainConfig, *, progress: bool = True, explicit: set[str] | No
     run's saved config even where they equal the defaults. ``command``: the command line,
     recorded in summary.json."""
     wall_start, load_start = time.perf_counter(), os.getloadavg()
+    budget_start = budget.clock()
     checkpoint = None
     if config.resume:
         config, checkpoint = resolve_resume(config, explicit)
     trainer = Trainer(config, checkpoint, progress=progress)
+    if config.time_budget and checkpoint is None:  # planned once: a resume keeps the plan
+        trainer.plan_budget(budget_start)
     if trainer.state.stopped_early:
         log.info("--resume %s: it stopped early at epoch %d of %d (no better validation "
                  "accuracy for %d epochs): nothing to train; to go on, resume with a larger "
                  "--early-stop", config.resume, trainer.state.epoch,
                  config.epochs, trainer.state.stale_epochs)
     with StopFlag() as stop:
-        last = trainer.state.epoch if trainer.state.stopped_early else config.epochs
+        last = trainer.state.epoch if trainer.state.stopped_early else trainer.config.epochs
         for epoch in range(trainer.state.epoch, last):
             totals = trainer.train_epoch(epoch, stop)
             trainer.end_epoch(epoch, totals)
@@ -184,7 +189,7 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     train = Loader(dataset.x_train, dataset.y_train, config.batch_size, shuffle=True,
                    seed=config.seed, augment=augment, rank=dist.rank,
                    world_size=dist.world_size, drop_last=config.drop_last, photo=train_crop,
-                   **common)
+                   balanced=config.balanced_sampling, **common)
     if dist.is_main:
         log.info("data: %s", train.describe())
     if len(train) == 0:
@@ -354,25 +359,53 @@ class Trainer:
         # after the optimizer, which holds the frozen features too; before DDP wraps the model
         self.freeze = FeatureFreeze.from_config(self.model, config, self.dist)
         self.params = count_parameters(self.model)  # --freeze-features: they are non-trainable
+        self.class_counts = balance.class_counts(self.data.dataset.y_train, self.data.num_classes)
+        self._warn_imbalance()
         steps = len(self.data.train)
         self.schedule = Schedule.from_config(config, self.lr, steps)
         self.lookahead = Lookahead.from_config(self.model, config, steps * config.epochs)
         self.state = LoopState()
+        self.budget_plan = checkpoint.meta.get("time_budget") if checkpoint else None
+        self.run_resumed = checkpoint is not None
         if checkpoint is not None:
             self.restore(checkpoint)
         else:  # dropout streams differ per process; a resume restores its own
             torch.manual_seed(config.seed * 1000 + self.dist.rank + 1)
         self.net = self._wrap(self.model)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        self.step = TrainStep(self.net, self.optimizer, loss_fn, self.engine)
+        weight = (balance.class_weights(config.class_weights, self.class_counts,
+                                        list(self.data.dataset.classes)).to(self.engine.device)
+                  if config.class_weights else None)
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+        self.step = TrainStep(self.net, self.optimizer, loss_fn, self.engine, config.grad_accum)
         if checkpoint is not None and self.step.scaler is not None and checkpoint.meta.get("scaler"):
             self.step.scaler.load_state_dict(checkpoint.meta["scaler"])  # fp16: its loss scale
         self.meta = self._checkpoint_meta()
         if self.main:
             self.run.write_config(config.to_yaml())
-        self.writer = tensorboard_writer(self.run.path) if config.tensorboard and self.main \
-            else None
+        self.trackers = Trackers(config, self.run.path, enabled=self.main)
         self._restore_metrics(resuming=checkpoint is not None)
+
+    def _warn_imbalance(self) -> None:
+        line = balance.imbalance_warning(self.class_counts, list(self.data.dataset.classes),
+                                         self.config)
+        if line and self.health is not None:
+            self.health.findings.append(Finding("unbalanced", line, 0))
+            if self.main:
+                log.warning("%s", self.health.findings[-1])
+
+    def plan_budget(self, started: float) -> None:
+        """--time-budget: time the step here, then size the run (and its schedules) to fit."""
+        c = self.config
+        plan = budget.make_plan(self, parse_duration(c.time_budget), started, c.time_budget)
+        self.budget_plan = D.broadcast_object(plan.to_dict() if self.main else None, self.dist)
+        self.config = c.replace(epochs=self.budget_plan["epochs"])
+        steps = len(self.data.train)
+        self.schedule = Schedule.from_config(self.config, self.lr, steps)
+        self.lookahead = Lookahead.from_config(self.model, self.config, steps * self.config.epochs)
+        self.meta = self._checkpoint_meta()
+        if self.main:
+            self.run.write_config(self.config.to_yaml())
+            log.info("%s", budget.BudgetPlan(**self.budget_plan).line())
 
     def _open_run_folder(self, has_checkpoint: bool) -> RunFolder:
         """Rank 0 creates it; the others learn its path. ``--resume`` of a run stopped before
@@ -412,6 +445,7 @@ class Trainer:
                         "val": len(d.dataset.x_val) if d.has_val else 0},
             "world_size": self.dist.world_size,
             "precision": self.engine.precision,  # as resolved: evaluate's default
+            "time_budget": self.budget_plan,
         }
 
     # --- restore
@@ -593,10 +627,7 @@ class Trainer:
         if self.health is not None:
             for finding in self.health.end_epoch(self.run.read_metrics()):
                 log.warning("%s", finding)
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, epoch + 1)
+        self.trackers.epoch(record)
         self.write_checkpoint("last", epoch + 1)
         if improved:
             self.write_checkpoint("best", epoch + 1, with_state=False)
@@ -611,7 +642,7 @@ class Trainer:
         logits, labels = collect_logits(self.model, self.data.test, self.engine, tta=c.tta,
                                         translate=c.tta_translate)
         test_seconds = time.perf_counter() - tick
-        test = score(logits, labels)
+        test = {**score(logits, labels), "balanced_acc": balance.mean_recall(logits, labels)}
         digests = D.all_gather_object(weights_digest(self.model), self.dist)
         if len(set(digests)) > 1:
             log.warning("processes ended with different weights: %s", digests)
@@ -619,8 +650,7 @@ class Trainer:
         if self.main:
             self.run.write_predictions(logits.numpy(), labels.numpy())
             self.run.write_summary(summary)
-            if self.writer is not None:
-                self.writer.close()
+            self.trackers.finish(summary)
             log.info("test loss %.4f  test acc %.2f%%%s%s  time of learning %.1fs  wall time "
                      "%.1fs  -> %s", test["loss"], 100 * test["acc"],
                      f"  top-5 {100 * test['top5_acc']:.2f}%" if test["top5_acc"] else "",
@@ -641,6 +671,7 @@ class Trainer:
             "command": command,
             "test_loss": test["loss"],
             "test_acc": test["acc"],
+            "balanced_acc": test["balanced_acc"],
             **({"top5_acc": test["top5_acc"]} if test["top5_acc"] is not None else {}),
             "tta": c.tta,
             "tta_translate": c.tta_translate if c.tta else 0,
@@ -661,6 +692,10 @@ class Trainer:
             "model": self.meta["model"],
             "dataset": self.meta["dataset"],
             "skipped_images": len(getattr(self.data.dataset, "skipped", []) or []),
+            "class_counts": {"train": self.class_counts,
+                             "test": balance.class_counts(self.data.dataset.y_test,
+                                                          self.data.num_classes)},
+            "time_budget": self._budget_record(time.perf_counter() - wall_start),
             "health": [str(f) for f in self.health.findings] if self.health else None,
             "engine": {**self.engine.describe(), "world_size": self.dist.world_size},
             "weights_digest": digests[0],
@@ -670,6 +705,14 @@ class Trainer:
             "machine": {k: v for k, v in env.items()
                         if k in ("platform", "cpu", "cpu_count", "hostname", "gpu")},
         }
+
+
+    def _budget_record(self, wall: float) -> dict[str, Any] | None:
+        """The plan beside what the run took (the report is timed by the caller)."""
+        if not self.budget_plan:
+            return None
+        return {**self.budget_plan, "seconds_before_report": wall,
+                "resumed": self.run_resumed}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -737,12 +780,3 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def tensorboard_writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UsageError("--tensorboard needs the tensorboard package: "
-                         "pip install 'vggkit[tensorboard]'") from None
-    return SummaryWriter(str(out / "tensorboard"))
