@@ -263,12 +263,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from vggkit.evaluation.export import export_onnx
+    if not args.onnx and not args.keras:
+        raise UsageError("export: give --onnx FILE, --keras FILE.keras, or both")
+    if args.onnx:
+        from vggkit.evaluation.export import export_onnx
 
-    result = export_onnx(args.checkpoint, args.onnx, opset=args.opset, overwrite=args.overwrite,
-                         classes_file=args.classes)
-    print(f"wrote {result['path']} (opset {result['opset']}, input {result['input_shape']}); "
-          f"onnxruntime vs PyTorch max abs difference {result['max_abs_diff']:.2e}")
+        result = export_onnx(args.checkpoint, args.onnx, opset=args.opset,
+                             overwrite=args.overwrite, classes_file=args.classes)
+        print(f"wrote {result['path']} (opset {result['opset']}, input {result['input_shape']}); "
+              f"onnxruntime vs PyTorch max abs difference {result['max_abs_diff']:.2e}")
+    if args.keras:
+        from vggkit.evaluation.keras_export import export_keras
+
+        result = export_keras(args.checkpoint, args.keras, overwrite=args.overwrite,
+                              classes_file=args.classes)
+        print(f"wrote {result['path']} ({result['layers']} Keras layers, input "
+              f"{result['input_shape']}); Keras vs PyTorch max abs difference "
+              f"{result['max_abs_diff']:.2e}")
+    return 0
+
+
+def cmd_import_keras(args: argparse.Namespace) -> int:
+    from vggkit.keras_import import import_keras
+
+    r = import_keras(args.model, args.out, normalize=args.normalize, classes=args.classes,
+                     dataset=args.dataset, overwrite=args.overwrite)
+    if args.json:
+        print_json(r)
+        return 0
+    what = (f"{r['model']} with the {r['head']} head" if r["matched"] else
+            "an exact PyTorch equivalent (no registered network matches it layer for layer)")
+    print(f"imported {args.model} as {what}: {r['params']:,} parameters, {r['num_classes']} "
+          f"classes, input {'x'.join(map(str, r['input']))} -> {r['run']}")
     return 0
 
 
@@ -464,10 +490,26 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_export)
     p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth|imagenet:MODEL",
                    help=IMAGENET_ARG_HELP)
-    p.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
+    p.add_argument("--onnx", metavar="FILE", help="output .onnx file")
+    p.add_argument("--keras", metavar="FILE.keras", help="output Keras 3 file (needs keras; "
+                   "its torch backend will do)")
     p.add_argument("--opset", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     add_classes_flag(p)
+
+    p = command("import-keras", "a Keras .keras or .h5 model and its weights as a vggkit run "
+                "folder (read without TensorFlow; no code in the file is run)", cmd_import_keras)
+    p.add_argument("model", metavar="MODEL.keras|MODEL.h5")
+    p.add_argument("--out", required=True, metavar="RUN", help="the run folder to write")
+    p.add_argument("--dataset", required=True, help="the dataset whose classes the model "
+                   "predicts (evaluate and report test on it), e.g. cifar10")
+    p.add_argument("--normalize", default="unit", choices=("unit", "imagenet"),
+                   help="the input the model was trained on: pixels / 255 (the write-ups') or "
+                   "ImageNet's mean/std (default: unit)")
+    p.add_argument("--classes", metavar="FILE", help="class names, one a line, in output order "
+                   "(default: 0, 1, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run folder's files")
+    p.add_argument("--json", action="store_true")
 
     p = command("summary", "Keras-style layer table with output shapes and parameter counts",
                 cmd_summary)

@@ -146,6 +146,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(model_state, header, optimizer_state, rng, path)
 
 
+KERAS = "keras"  # model.name of an imported Keras network no registered one matches
+
+
 def find_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
     """A checkpoint file, or a run folder's ``checkpoints/<which>`` (falling back to last)."""
     path = Path(run_or_file)
@@ -197,8 +200,12 @@ def check_header(meta: dict[str, Any], path: Path | None = None) -> None:
         return _header_field(meta, path, name, ok, expected)
 
     field_("model", lambda v: isinstance(v, dict), "a mapping")
-    field_("model.name", lambda v: isinstance(v, str) and v in ARCHITECTURES,
-           f"one of {', '.join(ARCHITECTURES)}")
+    field_("model.name", lambda v: isinstance(v, str) and (v in ARCHITECTURES or v == KERAS),
+           f"one of {', '.join(ARCHITECTURES)}, or {KERAS} (an imported Keras network)")
+    if meta["model"]["name"] == KERAS:
+        field_("model.layers", lambda v: isinstance(v, list) and v and all(
+            isinstance(x, dict) and isinstance(x.get("op"), str) for x in v),
+            "a list of layer descriptions")
     if meta["model"].get("head") is not None:
         field_("model.head", lambda v: isinstance(v, str) and v in list_heads(),
                f"one of {', '.join(list_heads())}")
@@ -245,13 +252,25 @@ def model_from_checkpoint(run_or_file: str | Path, which: str = "best") -> tuple
     arch = ckpt.meta["model"]
     args = dict(num_classes=arch["num_classes"], in_channels=arch["in_channels"],
                 input_size=arch["input_size"], head=arch.get("head"), dropout=arch.get("dropout", 0.5))
+    def build() -> torch.nn.Module:
+        if arch["name"] == KERAS:  # an imported Keras stack that no registered network matches
+            from vggkit.models.keras import build_from_specs
+
+            return build_from_specs(arch["layers"])
+        return create_model(arch["name"], **args)
+
     try:
         # Shapes first, on the meta device: a header can describe a network of terabytes.
         with torch.device("meta"):
-            _check_weights_fit(create_model(arch["name"], **args), ckpt)
-    except UsageError as exc:  # sizes the network cannot take
-        raise CheckpointError(f"{ckpt.path}: header field model.input_size: {exc}") from exc
-    model = create_model(arch["name"], **args)
+            _check_weights_fit(build(), ckpt)
+    except (UsageError, KeyError, TypeError, ValueError) as exc:  # sizes it cannot take
+        field = "input_size" if isinstance(exc, UsageError) else "layers"
+        raise CheckpointError(f"{ckpt.path}: header field model.{field}: {exc}") from exc
+    model = build()
+    if arch.get("norm"):  # BatchNorm's eps and momentum as Keras had them
+        from vggkit.models.keras import apply_norm_settings
+
+        apply_norm_settings(model, arch["norm"])
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as exc:
