@@ -176,7 +176,7 @@ def test_any_other_stack_becomes_its_exact_pytorch_equivalent(saved, tmp_path, f
     np.testing.assert_allclose(torch_logits(model, x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_cli_imports_and_evaluate_reads_the_run(saved, tmp_path, capsys):
+def test_cli_says_which_network_it_matched_and_keeps_an_existing_run(saved, tmp_path, capsys):
     root, _, _ = saved["compact"]
     assert main(["import-keras", str(root / "compact.keras"), "--dataset", "cifar10",
                  "--out", str(tmp_path / "run")]) == 0
@@ -308,3 +308,27 @@ def test_an_imported_run_trains_on_with_init_from(saved, tmp_path):
     # at a rate of 1e-9 one epoch leaves the imported convolutions where they were
     torch.testing.assert_close(after.features[0].weight, start.features[0].weight, atol=1e-6,
                                rtol=0)
+
+
+def test_a_functional_chain_imports_and_a_branching_model_is_refused(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = layers.Flatten()(layers.MaxPooling2D()(x))
+    chain = keras.Model(inputs, layers.Dense(3, activation="softmax")(x))
+    chain.save(tmp_path / "chain.keras")
+    (tmp_path / "c.txt").write_text("a\nb\nc\n")
+    r = import_keras(tmp_path / "chain.keras", tmp_path / "run", dataset="folder:x",
+                     classes=str(tmp_path / "c.txt"))
+    sample = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)).astype(np.float32)
+    model, _ = model_from_checkpoint(tmp_path / "run")
+    np.testing.assert_allclose(torch_logits(model, sample), keras_logits(chain, sample),
+                               atol=1e-5)
+    assert r["model"] == "keras"
+    a = layers.Conv2D(4, 3, padding="same")(inputs)
+    b = layers.Conv2D(4, 3, padding="same")(inputs)
+    branching = keras.Model(inputs, layers.Dense(3)(layers.Flatten()(layers.Add()([a, b]))))
+    branching.save(tmp_path / "branch.keras")
+    with pytest.raises(UsageError, match="single chains of layers|not supported"):
+        import_keras(tmp_path / "branch.keras", tmp_path / "run2", dataset="folder:x",
+                     classes=str(tmp_path / "c.txt"))

@@ -374,6 +374,34 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def add_ship_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``export`` and ``import-keras``: networks out of vggkit and into it."""
+    p = command("export", "export to ONNX (checked against PyTorch with onnxruntime) or to a "
+                "Keras 3 file (checked with Keras)", cmd_export)
+    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth|imagenet:MODEL",
+                   help=IMAGENET_ARG_HELP)
+    p.add_argument("--onnx", metavar="FILE", help="output .onnx file")
+    p.add_argument("--keras", metavar="FILE.keras", help="output Keras 3 file (needs keras; "
+                   "its torch backend will do)")
+    p.add_argument("--opset", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    add_classes_flag(p)
+
+    p = command("import-keras", "a Keras .keras or .h5 model and its weights as a vggkit run "
+                "folder (read without TensorFlow; no code in the file is run)", cmd_import_keras)
+    p.add_argument("model", metavar="MODEL.keras|MODEL.h5")
+    p.add_argument("--out", required=True, metavar="RUN", help="the run folder to write")
+    p.add_argument("--dataset", required=True, help="the dataset whose classes the model "
+                   "predicts (evaluate and report test on it), e.g. cifar10")
+    p.add_argument("--normalize", default="unit", choices=("unit", "imagenet"),
+                   help="the input the model was trained on: pixels / 255 (the write-ups') or "
+                   "ImageNet's mean/std (default: unit)")
+    p.add_argument("--classes", metavar="FILE", help="class names, one a line, in output order "
+                   "(default: the dataset's, for cifar10, mnist, fashion-mnist and digits)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run folder's files")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="more log output")
@@ -486,30 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_classes_flag(p)
 
-    p = command("export", "export to ONNX and check it against PyTorch with onnxruntime",
-                cmd_export)
-    p.add_argument("checkpoint", metavar="CHECKPOINT|RUN|WEIGHTS.pth|imagenet:MODEL",
-                   help=IMAGENET_ARG_HELP)
-    p.add_argument("--onnx", metavar="FILE", help="output .onnx file")
-    p.add_argument("--keras", metavar="FILE.keras", help="output Keras 3 file (needs keras; "
-                   "its torch backend will do)")
-    p.add_argument("--opset", type=int)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    add_classes_flag(p)
-
-    p = command("import-keras", "a Keras .keras or .h5 model and its weights as a vggkit run "
-                "folder (read without TensorFlow; no code in the file is run)", cmd_import_keras)
-    p.add_argument("model", metavar="MODEL.keras|MODEL.h5")
-    p.add_argument("--out", required=True, metavar="RUN", help="the run folder to write")
-    p.add_argument("--dataset", required=True, help="the dataset whose classes the model "
-                   "predicts (evaluate and report test on it), e.g. cifar10")
-    p.add_argument("--normalize", default="unit", choices=("unit", "imagenet"),
-                   help="the input the model was trained on: pixels / 255 (the write-ups') or "
-                   "ImageNet's mean/std (default: unit)")
-    p.add_argument("--classes", metavar="FILE", help="class names, one a line, in output order "
-                   "(default: 0, 1, ...)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run folder's files")
-    p.add_argument("--json", action="store_true")
+    add_ship_commands(command)
 
     p = command("summary", "Keras-style layer table with output shapes and parameter counts",
                 cmd_summary)

@@ -196,8 +196,8 @@ def _check_chain(path: Path, layers: list[dict]) -> None:
     for i, layer in enumerate(layers):
         nodes = layer.get("inbound_nodes") or []
         inputs = json.dumps(nodes)
-        if previous is not None and (len(nodes) != 1 or inputs.count('"keras_history"') > 1
-                                     and previous not in inputs):
+        if previous is not None and (len(nodes) != 1 or inputs.count('"keras_history"') != 1
+                                     or f'"{previous}"' not in inputs):
             raise KerasFileError(f"{path}: layer {i} ('{layer['config'].get('name')}') is not fed "
                                  "by the one before it; vggkit imports single chains of layers")
         previous = layer["config"].get("name")
