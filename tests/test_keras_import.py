@@ -22,7 +22,7 @@ from keras import layers  # noqa: E402
 from vggkit.cli import main  # noqa: E402
 from vggkit.errors import UsageError  # noqa: E402
 from vggkit.keras_import import import_keras  # noqa: E402
-from vggkit.models.keras import convert, read_keras  # noqa: E402
+from vggkit.models.keras import read_keras  # noqa: E402
 from vggkit.training.checkpoint import model_from_checkpoint  # noqa: E402
 
 

@@ -11,7 +11,6 @@ stack of the supported layers is kept as its exact PyTorch equivalent.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ from vggkit.models.keras import (
 )
 from vggkit.runfolder import RunFolder
 from vggkit.training.checkpoint import KERAS, save_checkpoint
-
-log = logging.getLogger("vggkit.import")
 
 NORMALIZE = ("unit", "imagenet")
 

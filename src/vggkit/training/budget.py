@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -27,8 +26,6 @@ from typing import Any, Callable
 import torch
 
 from vggkit.training.optim import settle_fused_state
-
-log = logging.getLogger("vggkit.train")
 
 clock: Callable[[], float] = time.perf_counter  # tests replace it with a mocked clock
 WARMUP_STEPS, TIMED_STEPS = 2, 4  # the first steps run slower (allocation, kernel choice)

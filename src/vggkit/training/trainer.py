@@ -22,8 +22,6 @@ import math
 import os
 import platform
 import signal
-import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -70,6 +68,7 @@ from vggkit.training.optim import (
 from vggkit.training.progress import Progress
 from vggkit.training.resume import check_world_size, resolve_resume
 from vggkit.training.scoring import collect_logits, score
+from vggkit.training.stopflag import StopFlag
 from vggkit.training.tracking import Trackers
 
 log = logging.getLogger("vggkit.train")
@@ -753,30 +752,3 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes the step, checkpoints, and exits."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signal is not None:
-            if signum == signal.SIGINT == self.signal:  # Ctrl-C pressed twice: stop now
-                raise KeyboardInterrupt
-            return  # a repeated SIGTERM (torchrun forwards its own): already stopping
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the current step and writing a "
-              "checkpoint (press again to abort at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
