@@ -121,6 +121,8 @@ def test_a_resumed_budget_run_keeps_its_plan_and_is_exact(tmp_path, monkeypatch)
     assert resumed["epochs_completed"] == epochs
     assert resumed["weights_digest"] == straight["weights_digest"]
     assert resumed["time_budget"]["epochs"] == epochs and resumed["time_budget"]["resumed"]
+    with pytest.raises(UsageError, match="--time-budget 5m: the run was planned once for 2m"):
+        train(TrainConfig(resume=str(tmp_path / "split"), time_budget="5m"), progress=False)
 
 
 def test_a_budget_too_small_for_one_epoch_says_so(tmp_path, monkeypatch):

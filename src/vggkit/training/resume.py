@@ -63,6 +63,13 @@ def check_resume_changes(trained: dict[str, Any], resumed: TrainConfig) -> None:
             f"--batch-size {resumed.batch_size}: the run was trained with batch size "
             f"{old_batch}, and its position, schedule and data order count batches of that "
             "size; resume it with its own batch size, or start a new run (--init-from)")
+    if trained.get("time_budget") != resumed.time_budget:
+        planned = trained.get("time_budget")
+        raise UsageError(
+            f"--time-budget {resumed.time_budget}: the run was "
+            + (f"planned once for {planned} ({trained.get('epochs')} epochs), and a resume keeps "
+               "that plan" if planned else "not trained to a budget")
+            + "; resume it without --time-budget, or start a new run")
     old_epochs = trained.get("epochs", resumed.epochs)
     if old_epochs == resumed.epochs:
         return
