@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,8 +26,8 @@ def test_help_lists_every_command_with_one_line(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     sub = build_parser()._subparsers._group_actions[0]
-    for name in sub.choices:
-        assert f"    {name} " in out, name
+    for name in sub.choices:  # a long name (import-keras) puts its help on the next line
+        assert re.search(rf"^    {re.escape(name)}\s+\S", out, re.M), name
 
 
 def test_python_dash_m_runs_the_cli():
