@@ -40,6 +40,24 @@ def tiny(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
     return TrainConfig(**{**TINY, "out": str(tmp_path / name), **kw})
 
 
+def interrupted_run(monkeypatch, config: TrainConfig, steps: int) -> None:
+    """Train ``config`` until a SIGINT after its ``steps``-th step (a checkpoint is written)."""
+    calls = {"n": 0}
+    real = TR.TrainStep.__call__
+
+    def stop(self, images, labels):
+        out = real(self, images, labels)
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(TR.TrainStep, "__call__", stop)
+    with pytest.raises(TR.TrainingInterrupted):
+        train(config, progress=False)
+    monkeypatch.setattr(TR.TrainStep, "__call__", real)
+
+
 @pytest.fixture(scope="module")
 def unbalanced(tmp_path_factory) -> Path:
     """Four corner classes, 120/20/20/20 training images, 10 test images each."""
@@ -102,20 +120,8 @@ def test_a_resumed_budget_run_keeps_its_plan_and_is_exact(tmp_path, monkeypatch)
     straight = train(tiny(tmp_path, "straight", time_budget="2m"), progress=False)
     epochs = straight["time_budget"]["epochs"]
     assert 2 <= epochs < 12
-    calls = {"n": 0}
-    real = TR.TrainStep.__call__
-
-    def stop(self, images, labels):
-        out = real(self, images, labels)
-        calls["n"] += 1
-        if calls["n"] == B.WARMUP_STEPS + B.TIMED_STEPS + 7:  # the timing steps, then 7
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(TR.TrainStep, "__call__", stop)
-    with pytest.raises(TR.TrainingInterrupted):
-        train(tiny(tmp_path, "split", time_budget="2m"), progress=False)
-    monkeypatch.setattr(TR.TrainStep, "__call__", real)
+    interrupted_run(monkeypatch, tiny(tmp_path, "split", time_budget="2m"),
+                    B.WARMUP_STEPS + B.TIMED_STEPS + 7)  # the timing steps, then 7
     monkeypatch.setattr(B, "make_plan", lambda *a: pytest.fail("a resume planned again"))
     resumed = train(TrainConfig(resume=str(tmp_path / "split")), progress=False)
     assert resumed["epochs_completed"] == epochs
@@ -257,20 +263,7 @@ def test_inner_chunks_skip_the_gradient_all_reduce(tmp_path):
 
 def test_grad_accum_trains_and_resumes_exactly(tmp_path, monkeypatch):
     straight = train(tiny(tmp_path, "straight", epochs=2, grad_accum=4), progress=False)
-    calls = {"n": 0}
-    real = TR.TrainStep.__call__
-
-    def stop(self, images, labels):
-        out = real(self, images, labels)
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(TR.TrainStep, "__call__", stop)
-    with pytest.raises(TR.TrainingInterrupted):
-        train(tiny(tmp_path, "split", epochs=2, grad_accum=4), progress=False)
-    monkeypatch.setattr(TR.TrainStep, "__call__", real)
+    interrupted_run(monkeypatch, tiny(tmp_path, "split", epochs=2, grad_accum=4), 5)
     resumed = train(TrainConfig(resume=str(tmp_path / "split")), progress=False)
     assert resumed["weights_digest"] == straight["weights_digest"]
     assert straight["test_acc"] > 0.3  # digits: 10 classes, chance 10%
