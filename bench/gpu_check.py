@@ -10,6 +10,8 @@ What it checks, each as a row that says ok or what failed (it never stops at the
 device selection and the precision ``auto`` picks (bf16 autocast, or fp16 with the loss
 scaler on GPUs without bf16); a brief fast-cifar10 and VGG-16-BN training through
 ``vggkit.train`` (the on-device loader, channels_last, the scaler), resume to one more epoch,
+the regularisers (EMA, mixup, cutmix, TrivialAugment) and the everyday flags on the device,
+torchrun on every GPU (the cpu:gloo,cuda:nccl group, --sync-bn, per-rank RNG states, resume),
 evaluate, ONNX export; torch.compile on the compact net; and images/s of vggkit's step against
 a plain fp32 eager loop and the airbench94 reference port (bench/airbench_reference.py) run the
 same way on the same batches.
@@ -108,6 +110,38 @@ def airbench_loop(x, y):
     return step
 
 
+def torchrun_check(work: Path, data: str, data_dir: str | None, cuda: bool) -> str:
+    """The process group (cpu:gloo,cuda:nccl: the epoch's sums are CPU tensors), --sync-bn
+    with two or more GPUs, and per-rank RNG states in the checkpoint, resumed."""
+    import os
+    import subprocess
+
+    from vggkit.training.checkpoint import load_checkpoint
+
+    procs = torch.cuda.device_count() if cuda else 2
+    run = work / "ddp"
+    args = ["--model", "vgg11_bn", "--head", "linear", "--dataset", data, "--batch-size", "64",
+            "--schedule", "constant", "--lr", "0.02", "--no-report",
+            "--no-download", "--out", str(run), *(["--data-dir", data_dir] if data_dir else []),
+            *(["--sync-bn"] if cuda and procs > 1 else [])]
+    for extra in (["--epochs", "1"], ["--resume", str(run), "--epochs", "2"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}",
+               "--standalone", "-m", "vggkit", "train",
+               *(args if extra[0] == "--epochs" else []), *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode:
+            said = [line for line in done.stderr.splitlines() if "rror" in line]
+            raise RuntimeError(f"{' '.join(extra)}: exit {done.returncode}: "
+                               f"{(said or done.stderr.splitlines() or [''])[0][:300]}")
+    summary = json.loads((run / "summary.json").read_text())
+    rngs = sorted(load_checkpoint(run / "checkpoints" / "last.safetensors").rng)
+    digests = set(summary["rank_weights_digests"])
+    assert len(digests) == 1, summary["rank_weights_digests"]
+    return (f"{procs} processes, epochs {summary['epochs_completed']}, one digest, RNG states "
+            f"{rngs}, test {100 * summary['test_acc']:.2f}%")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="a dataset (default: generated CIFAR-format)")
@@ -129,10 +163,12 @@ def main(argv=None) -> int:
     if data is None:
         from vggkit.data.testing import write_cifar
 
-        write_cifar(work / "data", "cifar10")
+        # noise at CIFAR's size: 10,000 training images on a GPU, 1,000 for the CPU smoke test
+        write_cifar(work / "data", "cifar10", n_per_batch=200 if small else 2000,
+                    n_test=200 if small else 1000)
         data, data_dir = "cifar10", str(work / "data")
     base = dict(dataset=data, data_dir=data_dir, download=False, device=device,
-                precision="auto", report=False, subset=512 if small else None)
+                precision="auto", report=False)
 
     @check("engine: device and precision auto")
     def _():
@@ -180,6 +216,18 @@ def main(argv=None) -> int:
         return (f"{b['epochs']} epochs planned at ~{b['images_per_second']:,.0f} img/s, took "
                 f"{s['wall_seconds']:.0f} s of {b['budget_seconds']:.0f}; test "
                 f"{100 * s['test_acc']:.2f}%")
+
+    @check("VGG-11-BN: --ema, --mixup, --cutmix, --auto-augment trivial, 1 epoch")
+    def _():
+        config = TrainConfig(**base, model="vgg11_bn", head="linear", epochs=1, ema=0.999,
+                             ema_warmup=True, mixup=0.8, cutmix=1.0, auto_augment="trivial",
+                             batch_size=64 if small else 256, out=str(work / "reg"))
+        s = train(config, progress=False)
+        return f"test {100 * s['test_acc']:.2f}% (the average), {s['images_per_second']:,.0f} img/s"
+
+    @check("torchrun: every GPU (2 CPU processes without one), 1 epoch, then resume to 2")
+    def _():
+        return torchrun_check(work, data, data_dir, cuda)
 
     @check("evaluate the run")
     def _():

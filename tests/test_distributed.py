@@ -86,6 +86,23 @@ def test_two_processes_train_one_model_and_resume_either_way(tmp_path):
     assert load_checkpoint(single / "checkpoints" / "last.safetensors").meta["epoch"] == 4
 
 
+def test_each_rank_resumes_its_own_dropout_stream(tmp_path):
+    """Two processes, 2 epochs in one go == 1 epoch, then --resume to 2: each rank's RNG state
+    is saved and restored (all ranks restoring rank 0's drew the same dropout masks)."""
+    runs = {name: tmp_path / name for name in ("straight", "split")}
+    for args in ([*ARGS, "--epochs", "2", "--out", str(runs["straight"])],
+                 [*ARGS, "--epochs", "1", "--out", str(runs["split"])],
+                 ["--resume", str(runs["split"]), "--epochs", "2"]):
+        proc = torchrun(args)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    rng = load_checkpoint(runs["split"] / "checkpoints" / "last.safetensors").rng
+    assert {"torch", "torch@1"} <= rng.keys() and not torch.equal(rng["torch"], rng["torch@1"])
+    digests = [json.loads((run / "summary.json").read_text())["weights_digest"]
+               for run in runs.values()]
+    assert digests[0] == digests[1]
+
+
 def test_a_dead_rank_ends_the_other_with_an_error(tmp_path):
     run = tmp_path / "dies"
     proc = long_run_past_its_first_epoch(run)
@@ -130,14 +147,17 @@ def test_sigterm_to_the_group_leaves_one_resumable_checkpoint(tmp_path):
     assert json.loads((run / "summary.json").read_text())["epochs_completed"] == done
 
 
-# vggkit's CLI with the first decode of a folder slowed down, as a 63 MB JPEG zip is
-SLOW_DECODE = """
+# vggkit's CLI with every decode of a folder logged (process, size) and slowed down, as the
+# first decode of a 63 MB JPEG zip is
+DECODE_WRAPPER = """
 import os, sys, time
 import vggkit.data.sources.folder as folder
 decode_and_cache = folder._decode_and_cache
-def slow_decode_and_cache(*args, **kwargs):
+def slow_decode_and_cache(src, path, name, image_size, *args, **kwargs):
+    with open(os.environ["DECODE_LOG"], "a") as log:
+        log.write(f"{os.getpid()} {image_size}\\n")
     time.sleep(float(os.environ["SLOW_DECODE_S"]))
-    return decode_and_cache(*args, **kwargs)
+    return decode_and_cache(src, path, name, image_size, *args, **kwargs)
 folder._decode_and_cache = slow_decode_and_cache
 from vggkit.cli import main
 sys.exit(main())
@@ -163,24 +183,40 @@ def write_image_zip(path: Path) -> None:
                     zf.writestr(f"{split}/{label}/{i}.png", blob.getvalue())
 
 
-def test_a_first_decode_longer_than_the_collective_timeout_trains(tmp_path):
-    """The first decode of a folder zip (8 s here) outlasts VGGKIT_DIST_TIMEOUT (3 s): the
-    rank that waits for it waits on the data group's own long timeout, so the run trains."""
+def folder_torchrun(tmp_path: Path, extra: list[str], slow_s: float) -> tuple[str, list]:
+    """Two processes train 1 epoch on a zip of 8x8 images, each decode taking ``slow_s``
+    longer, with a collective timeout of 3 s: (stderr, [(process, size) per decode])."""
     source = tmp_path / "shapes.zip"
     write_image_zip(source)
     wrapper = tmp_path / "slow_decode_vggkit.py"
-    wrapper.write_text(SLOW_DECODE)
-    run = tmp_path / "slow"
+    wrapper.write_text(DECODE_WRAPPER)
+    decodes = tmp_path / "decodes.txt"
     args = ["--model", "vgg_compact", "--dataset", f"folder:{source}", "--data-dir",
-            str(tmp_path / "data"), "--image-size", "8", "--batch-size", "8", "--epochs", "1",
-            "--precision", "fp32", "--no-report", "--val-split", "0", "--out", str(run)]
-    proc = torchrun(args, entry=[str(wrapper)],
-                    env={"VGGKIT_DIST_TIMEOUT": "3", "SLOW_DECODE_S": "8"})
+            str(tmp_path / "data"), "--batch-size", "8", "--epochs", "1", "--precision",
+            "fp32", "--no-report", "--val-split", "0", "--out", str(tmp_path / "run"), *extra]
+    proc = torchrun(args, entry=[str(wrapper)], env={
+        "VGGKIT_DIST_TIMEOUT": "3", "SLOW_DECODE_S": str(slow_s), "DECODE_LOG": str(decodes)})
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    return err, [line.split() for line in decodes.read_text().splitlines()]
+
+
+def test_a_first_decode_longer_than_the_collective_timeout_trains(tmp_path):
+    """The first decode of a folder zip (8 s here) outlasts VGGKIT_DIST_TIMEOUT (3 s): the
+    rank that waits for it waits on the data group's own long timeout, so the run trains."""
+    err, _ = folder_torchrun(tmp_path, ["--image-size", "8"], 8)
     assert "cached the decoded images" in err  # the slow first decode did run
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["engine"]["world_size"] == 2 and summary["epochs_completed"] == 1
+
+
+def test_a_folder_that_needs_resizing_is_decoded_once_a_node(tmp_path):
+    """8x8 images for a network that takes 32x32: local rank 0 decodes the folder, then
+    decodes it at 32 while the other rank waits (on the data group's long timeout), and the
+    other rank reads that from the cache instead of decoding it again."""
+    _, decodes = folder_torchrun(tmp_path, [], 4)
+    assert [size for _, size in decodes] == ["None", "32"]
+    assert len({pid for pid, _ in decodes}) == 1
 
 
 @pytest.mark.parametrize("name", ["VGGKIT_DIST_TIMEOUT", "VGGKIT_DATA_TIMEOUT"])

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 import yaml
 from torch import nn
 
+from interrupt import interrupted_run
 from vggkit.cli import main
 from vggkit.config import TrainConfig, parse_duration, resolve_config
 from vggkit.data import testing as T
@@ -26,7 +25,6 @@ from vggkit.models import create_model
 from vggkit.runfolder import read_metrics
 from vggkit.training import budget as B
 from vggkit.training import engine as E
-from vggkit.training import trainer as TR
 from vggkit.training.balance import class_weights, mean_recall
 from vggkit.training.trainer import Trainer
 from vggkit.workflow import train
@@ -38,24 +36,6 @@ COUNTS = (120, 20, 20, 20)  # 6x: above the health check's 5x
 
 def tiny(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
     return TrainConfig(**{**TINY, "out": str(tmp_path / name), **kw})
-
-
-def interrupted_run(monkeypatch, config: TrainConfig, steps: int) -> None:
-    """Train ``config`` until a SIGINT after its ``steps``-th step (a checkpoint is written)."""
-    calls = {"n": 0}
-    real = TR.TrainStep.__call__
-
-    def stop(self, images, labels):
-        out = real(self, images, labels)
-        calls["n"] += 1
-        if calls["n"] == steps:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(TR.TrainStep, "__call__", stop)
-    with pytest.raises(TR.TrainingInterrupted):
-        train(config, progress=False)
-    monkeypatch.setattr(TR.TrainStep, "__call__", real)
 
 
 @pytest.fixture(scope="module")

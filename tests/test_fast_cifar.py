@@ -4,13 +4,12 @@ TTA, and a tiny end-to-end run with an exact mid-epoch resume. All on small data
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 import torch
 from torch import nn
 
+from interrupt import interrupted_run
 from vggkit.config import TrainConfig, resolve_config
 from vggkit.errors import UsageError
 from vggkit.models import count_parameters, create_model
@@ -232,23 +231,9 @@ def test_tiny_recipe_run_learns_and_reports(tmp_path):
 
 
 def test_mid_epoch_resume_with_lookahead_is_bit_for_bit(tmp_path, monkeypatch):
-    import vggkit.training.trainer as T
-
     train(tiny(tmp_path, "straight"), progress=False)
-    calls = {"n": 0}
-    real = T.TrainStep.__call__
-
-    def stop_after_8(self, images, labels):
-        out = real(self, images, labels)
-        calls["n"] += 1
-        if calls["n"] == 8:  # epoch 2, batch 3 (5 batches per epoch): lookahead running
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(T.TrainStep, "__call__", stop_after_8)
-    with pytest.raises(T.TrainingInterrupted):
-        train(tiny(tmp_path, "split"), progress=False)
-    monkeypatch.setattr(T.TrainStep, "__call__", real)
+    # step 8: epoch 2, batch 3 (5 batches per epoch), with lookahead running
+    interrupted_run(monkeypatch, tiny(tmp_path, "split"), 8)
     mid = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors")
     assert (mid.meta["epoch"], mid.meta["batch"]) == (1, 3)
     assert any(int(k) < 0 for k in mid.optimizer_state["state"])

@@ -6,14 +6,13 @@ it, the features' learning-rate factor at every step, and the usage errors."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from interrupt import interrupted_run
 from vggkit.cli import main
 from vggkit.config import TrainConfig
 from vggkit.errors import UsageError
@@ -21,6 +20,7 @@ from vggkit.models import create_model
 from vggkit.runfolder import read_metrics
 from vggkit.training import engine as E
 from vggkit.training import trainer as T
+from vggkit.training.checkpoint import load_checkpoint
 from vggkit.training.distributed import DistInfo
 from vggkit.training.finetune import FeatureFreeze, freeze_features
 from vggkit.training.trainer import StopFlag, Trainer
@@ -107,24 +107,11 @@ def straight(tmp_path_factory) -> Path:
 def test_resume_is_exact_across_the_unfreeze(tmp_path, monkeypatch, straight, stop_after):
     """3 epochs with --freeze-epochs 1 in one go == stopped at the unfreeze (after epoch 1's
     last step, or epoch 2's first), then --resume RUN --epochs 3."""
-    calls = {"n": 0}
-    real = T.TrainStep.__call__
-
-    def stop(self, images, labels):
-        out = real(self, images, labels)
-        calls["n"] += 1
-        if calls["n"] == stop_after:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(T.TrainStep, "__call__", stop)
-    with pytest.raises(T.TrainingInterrupted):
-        train(config(tmp_path, "split", epochs=3, freeze_epochs=1), progress=False)
-    monkeypatch.setattr(T.TrainStep, "__call__", real)
+    interrupted_run(monkeypatch, config(tmp_path, "split", epochs=3, freeze_epochs=1), stop_after)
     summary = train(TrainConfig(resume=str(tmp_path / "split"), epochs=3), progress=False)
     assert summary["epochs_completed"] == 3
-    a = T.load_checkpoint(straight / "checkpoints" / "last.safetensors")
-    b = T.load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors")
+    a = load_checkpoint(straight / "checkpoints" / "last.safetensors")
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors")
     assert a.model_state.keys() == b.model_state.keys()
     for key in a.model_state:
         assert torch.equal(a.model_state[key], b.model_state[key]), key
@@ -143,9 +130,9 @@ def test_features_lr_scale_holds_at_every_step(tmp_path, monkeypatch):
     seen = []
     real = T.TrainStep.__call__
 
-    def record(self, images, labels):
+    def record(self, *args):
         seen.append({id(p): g["lr"] for g in opt.param_groups for p in g["params"]})
-        return real(self, images, labels)
+        return real(self, *args)
 
     monkeypatch.setattr(T.TrainStep, "__call__", record)
     trainer.train_epoch(0, StopFlag())
@@ -245,6 +232,6 @@ def test_under_torchrun_frozen_features_train(tmp_path):
     assert len(set(summary["rank_weights_digests"])) == 1
     torch.manual_seed(0)  # the run's initial weights
     initial = create_model("vgg_compact", num_classes=10, in_channels=1, input_size=8)
-    state = T.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.safetensors").model_state
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.safetensors").model_state
     for key, value in initial.features.state_dict().items():
         assert torch.equal(state[f"features.{key}"], value), key

@@ -172,7 +172,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys, command):
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, capsys, monkeypatch):
     import vggkit.training.trainer as T
 
-    def oom(self, images, labels):
+    def oom(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(T.TrainStep, "__call__", oom)

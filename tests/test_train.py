@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from interrupt import interrupted_run
 from vggkit.config import TrainConfig
 from vggkit.errors import UsageError
 from vggkit.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -123,23 +124,9 @@ def test_signal_writes_a_checkpoint_and_resume_finishes(tmp_path, sig):
 def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     """A stop after batch k of an epoch resumes at batch k+1 with the same weights as a
     run that never stopped."""
-    import vggkit.training.trainer as T
-
     train(tiny(tmp_path, "straight", epochs=2), progress=False)
-    calls = {"n": 0}
-    real = T.TrainStep.__call__
-
-    def stop_after_30(self, images, labels):
-        out = real(self, images, labels)
-        calls["n"] += 1
-        if calls["n"] == 30:  # in epoch 2 (digits less its validation split: 21 batches of 64)
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(T.TrainStep, "__call__", stop_after_30)
-    with pytest.raises(T.TrainingInterrupted, match="Resume with"):
-        train(tiny(tmp_path, "split", epochs=2), progress=False)
-    monkeypatch.setattr(T.TrainStep, "__call__", real)
+    # step 30 is in epoch 2 (digits less its validation split: 21 batches of 64)
+    interrupted_run(monkeypatch, tiny(tmp_path, "split", epochs=2), 30)
     meta = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").meta
     assert (meta["epoch"], meta["batch"]) == (1, 30 - 21)
     train(TrainConfig(resume=str(tmp_path / "split")), progress=False)

@@ -402,25 +402,8 @@ def add_ship_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-
-    parser = Parser(
-        prog="vggkit", parents=[common],
-        description="Train, evaluate and ship VGG-family image classifiers.")
-    parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(name: str, help: str, func: Callable[[argparse.Namespace], int]
-                ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common])
-        p.__class__ = Parser
-        p.set_defaults(func=func)
-        return p
-
+def add_training_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``train``, ``sweep`` and ``lr-find``: each takes every train flag."""
     p = command("train", "train a model and write a run folder (no arguments: a small VGG on "
                 "the embedded digits set)", cmd_train)
     add_train_flags(p)
@@ -446,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default lr-find.png)")
     add_train_flags(p)
 
+
+def add_evaluation_commands(command: Callable[..., argparse.ArgumentParser],
+                            common: argparse.ArgumentParser) -> None:
+    """``evaluate``, ``report``, ``results`` and ``predict``: what a run is worth."""
     p = command("evaluate", "accuracy, per-class metrics and confusion matrix of a run or "
                 "checkpoint", cmd_evaluate)
     p.add_argument("run", metavar="RUN|CHECKPOINT|WEIGHTS.pth|imagenet:MODEL",
@@ -514,8 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_classes_flag(p)
 
-    add_ship_commands(command)
 
+def add_info_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``summary``, ``models``, ``datasets`` and ``recipes``: what vggkit has."""
     p = command("summary", "Keras-style layer table with output shapes and parameter counts",
                 cmd_summary)
     p.add_argument("model")
@@ -538,6 +526,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("recipes", "list the named training recipes", cmd_recipes)
     p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = Parser(
+        prog="vggkit", parents=[common],
+        description="Train, evaluate and ship VGG-family image classifiers.")
+    parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, func: Callable[[argparse.Namespace], int]
+                ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.__class__ = Parser
+        p.set_defaults(func=func)
+        return p
+
+    add_training_commands(command)
+    add_evaluation_commands(command, common)
+    add_ship_commands(command)
+    add_info_commands(command)
     return parser
 
 

@@ -88,6 +88,20 @@ class TrainConfig:
                         group="augmentation")
     flip: bool = opt(False, "random horizontal flips", group="augmentation")
     cutout: int = opt(0, "cutout square side in pixels (0: off)", group="augmentation")
+    auto_augment: str | None = opt(None, "per image on the device: 'trivial' "
+                                   "(TrivialAugmentWide) or 'rand[-mM][-nN]' (RandAugment: N "
+                                   "operations at magnitude M of 0..30, default rand-m9-n2)",
+                                   group="augmentation", metavar="POLICY")
+    mixup: float = opt(0.0, "mixup: blend each batch with itself reversed, ratio ~ "
+                       "Beta(ALPHA, ALPHA), labels in the same shares (0: off; timm uses 0.8)",
+                       group="augmentation", metavar="ALPHA")
+    cutmix: float = opt(0.0, "cutmix: paste a box of the reversed batch, its area ~ "
+                        "Beta(ALPHA, ALPHA), labels by pixel share (0: off; timm uses 1.0)",
+                        group="augmentation", metavar="ALPHA")
+    mix_prob: float = opt(1.0, "mixup/cutmix: the share of steps that are mixed",
+                          group="augmentation")
+    mix_switch_prob: float = opt(0.5, "with both --mixup and --cutmix: the share of mixed "
+                                 "steps that use cutmix", group="augmentation")
     # --- photos (folders of images of many sizes: kept at their aspect ratio, cropped per batch)
     random_resized_crop: bool = opt(False, "photos: train on random resized crops (scale and "
                                     "aspect jitter, torchvision's RandomResizedCrop) of "
@@ -168,6 +182,12 @@ class TrainConfig:
                                          "for this many epochs, then freeze it (default: always)")
     early_stop: int | None = opt(None, "stop after this many epochs without a better "
                                  "validation accuracy", metavar="PATIENCE")
+    ema: float | None = opt(None, "keep an exponential moving average of the weights with "
+                            "this decay per step (timm uses 0.9998): evaluated, selected, "
+                            "tested and saved in place of the trained weights",
+                            metavar="DECAY")
+    ema_warmup: bool = opt(False, "with --ema: the decay of step t is min(DECAY, "
+                           "1 - (1 + t)^(-2/3)) (timm's warm-up), for short runs")
     # --- fine-tuning (Keras's trainable=False, fastai's fine_tune and discriminative rates)
     freeze_features: bool = opt(False, "train the head alone: the convolutional features keep "
                                 "their weights and BatchNorm statistics for the whole run "
@@ -425,7 +445,23 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
                        else f"{source}: time_budget")
     validate_photos(config, bad)
     validate_finetune(config, bad)
+    validate_regularisers(config, bad)
     return config
+
+
+def validate_regularisers(config: TrainConfig, bad) -> None:
+    if config.ema is not None and not 0 < config.ema < 1:
+        raise bad("ema", "must be a decay in (0, 1), like 0.999")
+    for name in ("mixup", "cutmix"):
+        if getattr(config, name) < 0:
+            raise bad(name, "must not be negative (0 is off)")
+    for name in ("mix_prob", "mix_switch_prob"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise bad(name, "must be in [0, 1]")
+    if config.auto_augment:
+        from vggkit.data.autoaugment import Policy
+
+        Policy.parse(config.auto_augment)
 
 
 DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}

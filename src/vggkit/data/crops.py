@@ -12,17 +12,21 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from vggkit.data.sources.folder import MAX_COMMON_SIDE
 from vggkit.data.sources.photos import STORED_FACTOR
 from vggkit.data.store import MappedImages
 
 
 def native_side(dataset: Any) -> tuple[int, bool]:
     """(the side the dataset's images call for, whether it is a photo folder): for photos
-    the crop their stored side was made for."""
-    side = int(dataset.x_train.shape[-1])
+    the crop their stored side was made for; for images that are not square (every one
+    640x480, say) the shorter side, at most MAX_COMMON_SIDE, as a folder of mixed sizes."""
+    height, width = (int(v) for v in dataset.x_train.shape[-2:])
     if isinstance(dataset.x_train, MappedImages):
-        return max(1, math.floor(side / STORED_FACTOR)), True
-    return side, False
+        return max(1, math.floor(width / STORED_FACTOR)), True
+    if height != width:
+        return min(height, width, MAX_COMMON_SIDE), False
+    return width, False
 
 
 def _get(config: Any, key: str, default: Any) -> Any:

@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vggkit.data import autoaugment
+from vggkit.data.autoaugment import Policy
 from vggkit.data.store import MappedImages
 from vggkit.errors import UsageError
 
@@ -53,6 +55,7 @@ log = logging.getLogger("vggkit.data")
 
 PAD_MODES = ("zeros", "reflect")
 PLACEMENTS = ("auto", "device", "stream")
+HOST_PARAMS = ("boxes", "aa_ops")  # augmentation parameters read on the CPU
 PREFETCH_BATCHES = 2  # built ahead of the step when streaming
 DEVICE_SHARE = 0.25  # "fits with room to spare": at most this share of the free memory
 
@@ -65,6 +68,7 @@ class Augment:
     pad_mode: str = "reflect"  # "zeros" | "reflect"
     flip: bool = False  # random horizontal flip, p = 0.5
     cutout: int = 0  # side of a random square set to the mean colour (0 = off)
+    auto_augment: str = ""  # "trivial" | "rand-mM-nN" (data/autoaugment.py), "" = off
 
     def __post_init__(self) -> None:
         if self.pad_mode not in PAD_MODES:
@@ -73,11 +77,12 @@ class Augment:
             raise UsageError(f"--crop-padding {self.crop_padding}: expected a non-negative integer")
         if isinstance(self.cutout, bool) or not isinstance(self.cutout, int) or self.cutout < 0:
             raise UsageError(f"--cutout {self.cutout}: expected a non-negative integer")
+        self.policy = Policy.parse(self.auto_augment) if self.auto_augment else None
 
     @property
     def active(self) -> bool:
         """True if any augmentation is switched on."""
-        return bool(self.crop_padding or self.flip or self.cutout)
+        return bool(self.crop_padding or self.flip or self.cutout or self.auto_augment)
 
 
 def _stream_seed(seed: int, epoch: int, stream: int) -> int:
@@ -191,8 +196,10 @@ class Loader:
         n, c, h, w = images.shape
         self.augment = augment if augment is not None and augment.active else None
         if photo is not None:
-            # The photo crop decides the geometry (and flips); only cutout follows it.
-            self.augment = Augment(cutout=augment.cutout) if augment is not None and augment.cutout else None
+            # The photo crop decides the geometry (and flips); cutout and --auto-augment follow it.
+            self.augment = (Augment(cutout=augment.cutout, auto_augment=augment.auto_augment)
+                            if augment is not None and (augment.cutout or augment.auto_augment)
+                            else None)
             h = w = photo.size
         if self.augment is not None and self.augment.pad_mode == "reflect" and self.augment.crop_padding >= min(h, w):
             raise UsageError(
@@ -306,8 +313,11 @@ class Loader:
         if aug is not None and aug.cutout:
             params["cy"] = torch.randint(0, h, (count,), generator=gen) - aug.cutout // 2
             params["cx"] = torch.randint(0, w, (count,), generator=gen) - aug.cutout // 2
-        # Photo boxes stay on the CPU: the crop reads their sizes there without a device sync.
-        return {k: v if k == "boxes" else v.to(self.device, non_blocking=True) for k, v in params.items()}
+        if aug is not None and aug.policy is not None:  # drawn last: the draws above stay as they were
+            params.update(aug.policy.draw(count, h, w, gen))
+        # Photo boxes and the operations' grouping stay on the CPU: read there without a device sync.
+        return {k: v if k in HOST_PARAMS else v.to(self.device, non_blocking=True)
+                for k, v in params.items()}
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield this rank's batches for ``epoch``: (images in ``dtype`` on the device, int64 labels).
@@ -330,6 +340,8 @@ class Loader:
                 x = self._resident_batch(idx, p)
             else:
                 x = self._streamed_batch(host_order[lo:hi], p)
+            if "aa_ops" in p:
+                x = autoaugment.apply(x, p["aa_ops"], p["aa_mag"])
             return self._normalise(x, p), self.labels.index_select(0, idx)
 
         if self.placement == "device":
@@ -390,7 +402,7 @@ class Loader:
         return x
 
     def _normalise(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """uint8 NCHW batch -> normalised float batch, cutout, then the requested layout and dtype."""
+        """uint8 (or --auto-augment's float 0-255) NCHW batch -> normalised float batch, cutout, then the requested layout and dtype."""
         out = x.to(torch.float32).mul_(self._scale).add_(self._shift)
         aug = self.augment
         if aug is not None and aug.cutout:

@@ -37,6 +37,8 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None
+    # --ema: the trained weights, beside the average in model_state (resume reads both)
+    training_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -75,6 +77,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     optimizer_state: dict[str, Any] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
+    training_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write atomically: a temporary file in the same folder, fsync, then rename over."""
     path = Path(path)
@@ -87,6 +90,8 @@ def save_checkpoint(
         tensors.update(optim_tensors)
     for name, value in (rng or {}).items():
         tensors[f"rng/{name}"] = value.detach().cpu().contiguous().clone()
+    for name, value in (training_state or {}).items():
+        tensors[f"train/{name}"] = value.detach().cpu().contiguous().clone()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +148,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: header field optimizer is malformed ({type(exc).__name__}: "
                                   f"{exc})") from exc
-    return Checkpoint(model_state, header, optimizer_state, rng, path)
+    training_state = {k[6:]: v for k, v in tensors.items() if k.startswith("train/")}
+    return Checkpoint(model_state, header, optimizer_state, rng, path, training_state)
 
 
 KERAS = "keras"  # model.name of an imported Keras network no registered one matches

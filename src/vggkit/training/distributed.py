@@ -124,6 +124,10 @@ def wait_for_data(info: DistInfo, group) -> None:
     """Every node's preparer (local rank 0) is done: the data is in each node's cache."""
     if info.enabled:
         dist.barrier(group=group)
+
+
+def release_data_group(info: DistInfo, group) -> None:
+    if info.enabled:
         dist.destroy_process_group(group)
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -182,6 +183,14 @@ def conv3x3_tap_index(h: int, w: int) -> torch.Tensor:
     return torch.where(inside, dy * 3 + dx, torch.full_like(dy, 9))
 
 
+@functools.cache
+def conv3x3_tap_pairs(h: int, w: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """For each of the 9 taps: the (input pixels, output pixels) it joins on an H x W map."""
+    taps = conv3x3_tap_index(h, w)
+    pairs = [torch.nonzero(taps == t) for t in range(9)]
+    return tuple((p[:, 0].clone(), p[:, 1].clone()) for p in pairs)
+
+
 def conv3x3_dense_weight(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """The (H*W*C_in, H*W*C_out) matrix of a padding-1 3x3 convolution on an H x W map, rows and
     columns ordered (pixel, channel) as channels_last memory is."""
@@ -209,27 +218,39 @@ class _DenseSmallMapConv3x3(torch.autograd.Function):
             torch.mm(x_flat, dense, out=y_flat)
         else:
             torch.addmm(bias.repeat(h * w), x_flat, dense, out=y_flat)
-        ctx.save_for_backward(x_flat, dense, taps)
+        ctx.save_for_backward(x_flat, dense)
         ctx.dims, ctx.has_bias = (b, ci, h, w, co), bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_flat, dense, taps = ctx.saved_tensors
+        x_flat, dense = ctx.saved_tensors
         b, ci, h, w, co = ctx.dims
         g = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, -1)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.mm(g, dense.t()).view(b, h, w, ci).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            blocks = torch.mm(x_flat.t(), g).view(h * w, ci, h * w, co).permute(0, 2, 1, 3)
-            per_tap = torch.zeros(10, ci, co, dtype=torch.float32)
-            per_tap.index_add_(0, taps.flatten(), blocks.reshape(-1, ci, co).float())
-            gw = (per_tap[:9].view(3, 3, ci, co).permute(3, 2, 0, 1).to(g.dtype)
-                  .contiguous(memory_format=torch.channels_last))
+            gw = _dense_weight_grad(x_flat.view(b, h * w, ci), g.view(b, h * w, co), h, w)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.view(-1, co).sum(0, dtype=torch.float32).to(g.dtype)
         return gx, gw, gb
+
+
+def _dense_weight_grad(x: torch.Tensor, g: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Each tap's weight gradient as one matmul over every (input, output) pixel pair it joins,
+    the pairs stacked along the batch: the matmul sums them in fp32 and rounds once, as the
+    convolution's own weight gradient does (a block per pair, rounded to bf16, then summed,
+    erred ~2.5e-3 relative)."""
+    b, _, ci = x.shape
+    co = g.shape[2]
+    out = x.new_zeros(9, ci, co)
+    for tap, (p_in, p_out) in enumerate(conv3x3_tap_pairs(h, w)):
+        if len(p_in):
+            xs = x.index_select(1, p_in).reshape(b * len(p_in), ci)
+            gs = g.index_select(1, p_out).reshape(b * len(p_out), co)
+            torch.mm(xs.t(), gs, out=out[tap])
+    return out.view(3, 3, ci, co).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
 
 
 class FastConv2d(nn.Conv2d):
@@ -374,6 +395,9 @@ class TrainStep:
     count (or class-weight sum), so the gradients are the whole batch's to float rounding,
     BatchNorm aside (it normalises each chunk by its own statistics). Under torchrun the
     chunks before the last skip DistributedDataParallel's all-reduce (``no_sync``).
+
+    ``mix`` (``training/mixing.py``): a mixed batch's loss is ``lam`` of the loss against its
+    labels plus ``1 - lam`` of the loss against the partners' labels.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -385,13 +409,15 @@ class TrainStep:
         self.scaler = engine.make_scaler()
         self.accumulate = accumulate
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 mix: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         chunks = min(self.accumulate, len(labels))
+        partner, lam = (mix.partner, mix.lam) if mix is not None else (None, 1.0)
         if chunks == 1:
-            loss, correct = self._forward_backward(images, labels, None)
+            loss, correct = self._forward_backward(images, labels, partner, lam, None)
         else:
-            loss, correct = self._accumulate(images, labels, chunks)
+            loss, correct = self._accumulate(images, labels, partner, lam, chunks)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -399,31 +425,45 @@ class TrainStep:
             self.optimizer.step()
         return loss, correct
 
-    def _accumulate(self, images: torch.Tensor, labels: torch.Tensor, chunks: int):
+    def _accumulate(self, images: torch.Tensor, labels: torch.Tensor,
+                    partner: torch.Tensor | None, lam: float, chunks: int):
         weight = getattr(self.loss_fn, "weight", None)
-        total = weight[labels].sum() if weight is not None else float(len(labels))
+
+        def total(y: torch.Tensor | None):
+            return None if y is None else weight[y].sum() if weight is not None else float(len(y))
+
+        totals = (total(labels), total(partner))
         loss = correct = 0
-        pieces = list(zip(images.tensor_split(chunks), labels.tensor_split(chunks)))
-        for i, (x, y) in enumerate(pieces):
+        parts = [t.tensor_split(chunks) if t is not None else [None] * chunks
+                 for t in (images, labels, partner)]
+        for i, (x, y, z) in enumerate(zip(*parts)):
             quiet = i < chunks - 1 and hasattr(self.model, "no_sync")
             with self.model.no_sync() if quiet else contextlib.nullcontext():
-                part_loss, part_correct = self._forward_backward(x, y, total)
+                part_loss, part_correct = self._forward_backward(x, y, z, lam, totals)
             loss, correct = loss + part_loss, correct + part_correct
         return loss, correct
 
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, total) -> torch.Tensor:
+        """The batch's loss, or a chunk's summed loss / ``total`` (the whole batch's count)."""
+        if total is None:
+            return self.loss_fn(logits, labels)
+        return nn.functional.cross_entropy(
+            logits, labels, weight=getattr(self.loss_fn, "weight", None),
+            label_smoothing=self.loss_fn.label_smoothing, reduction="sum") / total
+
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor,
-                          total: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and backward of one batch, or of one chunk (its summed loss / ``total``)."""
+                          partner: torch.Tensor | None, lam: float,
+                          totals: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and backward of one batch, or of one chunk (``totals``: the whole batch's)."""
+        own, other = totals if totals is not None else (None, None)
         with self.engine.autocast():
             logits = self.model(images)
-            if total is None:
-                loss = self.loss_fn(logits.float(), labels)
-            else:
-                loss = nn.functional.cross_entropy(
-                    logits.float(), labels, weight=getattr(self.loss_fn, "weight", None),
-                    label_smoothing=self.loss_fn.label_smoothing, reduction="sum") / total
+            loss = self._loss(logits.float(), labels, own)
+            if partner is not None:
+                loss = lam * loss + (1 - lam) * self._loss(logits.float(), partner, other)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        correct = (logits.detach().argmax(1) == labels).sum()
+        major = labels if partner is None or lam >= 0.5 else partner
+        correct = (logits.detach().argmax(1) == major).sum()
         return loss.detach().float(), correct
 
 

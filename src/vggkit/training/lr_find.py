@@ -22,7 +22,7 @@ from vggkit.training import distributed as D
 from vggkit.training.engine import TrainStep, make_engine
 from vggkit.training.finetune import FeatureFreeze
 from vggkit.training.optim import build_optimizer, set_lr
-from vggkit.training.trainer import build_model, load_data
+from vggkit.training.setup import build_model, load_data
 
 log = logging.getLogger("vggkit.train")
 

@@ -25,7 +25,6 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,31 +32,18 @@ import torch
 from torch import nn
 
 from vggkit import __version__
-from vggkit.config import IMAGENET_INIT, TrainConfig, check_tta_translate, parse_duration
-from vggkit.errors import CheckpointError, UsageError, VggkitError
-from vggkit.models import (
-    count_parameters,
-    create_model,
-    get_architecture,
-    load_matching,
-    read_state_dict,
-)
-from vggkit.models.pretrained import imagenet_mean_std, imagenet_weights, load_imagenet
-from vggkit.models.vgg import init_whitening
-from vggkit.models.weights import remap_stagewise, without_last_layer
+from vggkit.config import TrainConfig, check_tta_translate, parse_duration
+from vggkit.errors import CheckpointError, VggkitError
+from vggkit.models import count_parameters, get_architecture
 from vggkit.runfolder import RunFolder, default_run_name
-from vggkit.training import distributed as D
-from vggkit.training.checkpoint import (
-    Checkpoint,
-    check_loadable,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
 from vggkit.training import balance, budget
+from vggkit.training import distributed as D
+from vggkit.training.checkpoint import Checkpoint, save_checkpoint
+from vggkit.training.ema import WeightEMA
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine
 from vggkit.training.finetune import FeatureFreeze
 from vggkit.training.health import Finding, HealthMonitor
+from vggkit.training.mixing import Mixing
 from vggkit.training.optim import (
     Lookahead,
     Schedule,
@@ -68,6 +54,7 @@ from vggkit.training.optim import (
 from vggkit.training.progress import Progress
 from vggkit.training.resume import check_world_size, resolve_resume
 from vggkit.training.scoring import collect_logits, score
+from vggkit.training.setup import build_model, load_data
 from vggkit.training.stopflag import StopFlag
 from vggkit.training.tracking import Trackers
 
@@ -111,177 +98,6 @@ def train(config: TrainConfig, *, progress: bool = True, explicit: set[str] | No
             if trainer.state.stopped_early:
                 break
     return trainer.finish(wall_start, load_start, command)
-
-
-# ----------------------------------------------------------------------------- setup parts
-@dataclass
-class Data:
-    """The prepared dataset and its loaders. ``per_epoch`` is what each epoch is evaluated
-    on, sharded across processes: the validation split, or with ``--val-split 0`` the test
-    split (monitoring only). ``test`` is the whole test split, for the final test."""
-
-    dataset: Any
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    train: Any
-    per_epoch: Any
-    test: Any
-    has_val: bool
-    val_source: str
-    photo: dict[str, Any] | None = None  # photo folders: the stored side and the eval crop
-
-    @property
-    def channels(self) -> int:
-        return int(self.dataset.x_train.shape[1])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.dataset.classes)
-
-
-def resolve_image_size(config: TrainConfig, native: int) -> int:
-    """The dataset's side raised to at least 32 (the CIFAR size VGG recipes use) and to a
-    multiple the model's poolings divide: digits 8 -> 32, MNIST 28 -> 32, 224 stays."""
-    if config.image_size:
-        return config.image_size
-    arch = get_architecture(config.model)
-    side = max(native, 32)
-    if (config.head or arch.default_head) == "imagenet":
-        return side
-    factor = 2 ** arch.num_pools
-    return math.ceil(side / factor) * factor
-
-
-def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: bool) -> Data:
-    """Each node's local rank 0 decodes (or downloads) first, so that happens once a node,
-    while the others wait without the collectives' timeout; then every rank loads the
-    prepared copy from the node's cache at the image size the model needs."""
-    from vggkit.data import Augment, Loader, load_dataset
-    from vggkit.data.crops import native_side, photo_crops
-
-    args = dict(data_dir=config.data_dir, download_url=config.download_url,
-                channels=config.channels, subset=config.subset, val_split=config.val_split,
-                seed=config.seed, skip_bad_images=config.skip_bad_images,
-                photos=True if config.random_resized_crop or config.stored_size else None,
-                stored_size=config.stored_size)
-    preparer = dist.local_rank == 0
-    group = D.data_wait_group(dist)
-    probe = load_dataset(config.dataset, download=config.download and preparer,
-                         progress=progress and dist.is_main,
-                         image_size=config.image_size or None, **args) if preparer else None
-    D.wait_for_data(dist, group)
-    native, photos = D.broadcast_object(native_side(probe) if probe is not None else None, dist)
-    image_size = resolve_image_size(config, native)
-    dataset = probe if probe is not None and (photos or probe.x_train.shape[-1] == image_size) else \
-        load_dataset(config.dataset, download=False, progress=False,
-                     image_size=config.image_size or None if photos else image_size, **args)
-    channels = dataset.x_train.shape[1]
-    mean, std = ((list(dataset.mean), list(dataset.std)) if config.normalize == "meanstd"
-                 else imagenet_mean_std(channels) if config.normalize == "imagenet"
-                 else ([0.0] * channels, [1.0] * channels))
-    common = dict(mean=mean, std=std, device=engine.device, channels_last=engine.channels_last,
-                  placement=config.data_placement)
-    train_crop, eval_crop = photo_crops(config, image_size) if photos else (None, None)
-    augment = Augment(crop_padding=config.crop_padding, pad_mode=config.pad_mode,
-                      flip=config.flip, cutout=config.cutout)
-    train = Loader(dataset.x_train, dataset.y_train, config.batch_size, shuffle=True,
-                   seed=config.seed, augment=augment, rank=dist.rank,
-                   world_size=dist.world_size, drop_last=config.drop_last, photo=train_crop,
-                   balanced=config.balanced_sampling, **common)
-    if dist.is_main:
-        log.info("data: %s", train.describe())
-    if len(train) == 0:
-        raise UsageError(f"--batch-size {config.batch_size}: no full batch in "
-                         f"{len(dataset.x_train)} training images")
-    has_val = dataset.x_val is not None and len(dataset.x_val) > 0
-    # Per-epoch evaluation is sharded across processes: the validation split, or with
-    # --val-split 0 the test split, recorded for monitoring and never acted on.
-    split = (dataset.x_val, dataset.y_val) if has_val else (dataset.x_test, dataset.y_test)
-    per_epoch = Loader(*split, config.eval_batch_size, shuffle=False, rank=dist.rank,
-                       world_size=dist.world_size, photo=eval_crop, **common)
-    test = Loader(dataset.x_test, dataset.y_test, config.eval_batch_size, shuffle=False,
-                  photo=eval_crop, **common)
-    photo_meta = {"stored_side": dataset.x_train.shape[-1], "crop_pct": config.crop_pct} if photos else None
-    return Data(dataset, image_size, mean, std, train, per_epoch, test, has_val,
-                describe_val_source(config, dataset, has_val), photo_meta)
-
-
-def describe_val_source(config: TrainConfig, dataset: Any, has_val: bool) -> str:
-    if not has_val:
-        return ("none: trained on all training images (--val-split 0); nothing is selected, "
-                "the per-epoch test curve is for monitoring only")
-    how = "the dataset's default" if config.val_split is None else f"--val-split {config.val_split:g}"
-    return (f"train holdout: {len(dataset.x_val):,} training images, stratified, seed "
-            f"{config.seed} ({how})")
-
-
-def build_model(config: TrainConfig, data: Data, engine: Engine, dist: D.DistInfo,
-                fresh: bool) -> tuple[nn.Module, dict[str, int]]:
-    """The network on its device; a fresh run also takes its whitening stem from the data
-    and --init-from's weights (a resume loads its own)."""
-    arch = get_architecture(config.model)
-    torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.channels,
-                         input_size=data.image_size, head=config.head or arch.default_head,
-                         dropout=config.dropout)
-    if arch.whiten_kernel and data.photo is not None:
-        raise UsageError(f"--model {config.model}: its whitening stem is set from images held in "
-                         "memory at one size; photo folders are not supported")
-    if arch.whiten_kernel and fresh:
-        whiten_from_data(model, data.dataset.x_train, data.mean, data.std)
-    if arch.whiten_kernel and config.whiten_bias_epochs is not None and dist.enabled:
-        raise UsageError("--whiten-bias-epochs freezes a parameter mid-run, which "
-                         "DistributedDataParallel does not allow; leave it unset under torchrun")
-    if config.init_from and fresh:
-        load_init_weights(config, model, data.dataset.classes)
-    params = count_parameters(model)
-    model = engine.prepare(model)
-    if config.sync_bn and engine.device.type != "cuda":
-        raise UsageError(f"--sync-bn: SyncBatchNorm needs CUDA devices (torchrun on GPUs), not "
-                         f"{engine.device.type}; leave it off here (each process keeps its own "
-                         "BatchNorm statistics)")
-    if dist.enabled and config.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model, params
-
-
-def whiten_from_data(model: nn.Module, images: torch.Tensor, mean, std,
-                     count: int = 5000) -> None:
-    """Set the model's whitening stem from the first ``count`` training images, normalised
-    as the loader normalises them (airbench uses 5,000)."""
-    x = images[:count].to(torch.float32) / 255.0
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    init_whitening(model.features[0], (x - m) / s)
-
-
-def load_init_weights(config: TrainConfig, model: nn.Module, classes: list[str] | None = None) -> None:
-    """--init-from: another run's or checkpoint's matching layers (a run gives its best
-    checkpoint, chosen on validation), or a torchvision-layout weights file; ``imagenet``:
-    torchvision's ImageNet weights for --model (a resume never gets here: it has its own)."""
-    if config.init_from == IMAGENET_INIT:
-        path = imagenet_weights(config.model, download=config.download,
-                                download_url=config.download_url)
-        log.info("--init-from imagenet: %s", load_imagenet(model, path, partial=config.partial))
-        return
-    source = Path(config.init_from)
-    if source.is_dir() or (source.suffix == ".safetensors" and check_loadable(source)):
-        ckpt = load_checkpoint(find_checkpoint(source, "best"))
-        state = ckpt.model_state
-        src_arch = get_architecture(ckpt.meta["model"]["name"])
-        dst_arch = get_architecture(config.model)
-        if src_arch.config != dst_arch.config:
-            state = remap_stagewise(state, src_arch, dst_arch)
-        if classes is not None and list(ckpt.meta["classes"]) != list(classes):
-            state = without_last_layer(state, model)  # other classes: a fresh last layer
-        report = load_matching(model, state, partial=True, only_features=False,
-                               source=f"--init-from {source}")
-    else:
-        state = read_state_dict(source)
-        report = load_matching(model, state, partial=config.partial,
-                               source=f"--init-from {source}")
-    log.info("--init-from %s: %s", source, report)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -350,6 +166,8 @@ class Trainer:
         self.arch = get_architecture(config.model)
         self.model, self.params = build_model(config, self.data, self.engine, self.dist,
                                               fresh=checkpoint is None)
+        self.ema = WeightEMA.from_config(self.model, config)  # of the initial weights
+        self.mixing = Mixing.from_config(config, self.dist.rank)
         self.health = HealthMonitor(self.model, model_name=config.model,
                                     optimizer=config.optimizer, lr=config.lr,
                                     num_classes=self.data.num_classes,
@@ -371,6 +189,8 @@ class Trainer:
         else:  # dropout streams differ per process; a resume restores its own
             torch.manual_seed(config.seed * 1000 + self.dist.rank + 1)
         self.net = self._wrap(self.model)
+        # what is evaluated, selected, tested and saved: the --ema average, or the network
+        self.evaluated = self.engine.maybe_compile(self.ema.module) if self.ema else self.net
         weight = (balance.class_weights(config.class_weights, self.class_counts,
                                         list(self.data.dataset.classes)).to(self.engine.device)
                   if config.class_weights else None)
@@ -452,7 +272,9 @@ class Trainer:
         """Weights, optimizer (with the lookahead average), schedule, loop state and RNG."""
         c, meta = self.config, checkpoint.meta
         try:
-            self.model.load_state_dict(checkpoint.model_state)
+            self.model.load_state_dict(checkpoint.training_state or checkpoint.model_state)
+            if self.ema is not None:  # a run that had no --ema starts its average here
+                self.ema.load(checkpoint.model_state, self.model)
             state = checkpoint.optimizer_state
             if self.lookahead is not None:
                 state = self.lookahead.unpack(state)
@@ -477,9 +299,24 @@ class Trainer:
                                         and self.state.stale_epochs >= c.early_stop)
         check_world_size(meta, self.dist.world_size, c.resume)
         if meta.get("world_size", 1) == self.dist.world_size:
-            set_rng_state(checkpoint.rng, self.engine.device)
+            self._restore_rng(checkpoint.rng)
         log.info("resuming %s at epoch %d%s", self.run, self.state.epoch + 1,
                  f", batch {self.state.batch}" if self.state.batch else "")
+
+    def _restore_rng(self, saved: dict[str, torch.Tensor]) -> None:
+        """This rank's own RNG state (dropout masks differ per rank, and stay so on resume);
+        a checkpoint from before per-rank states gives the other ranks fresh seeded streams."""
+        mine = rank_rng(saved, self.dist.rank)
+        if mine:
+            set_rng_state(mine, self.engine.device)
+        else:
+            torch.manual_seed(self.config.seed * 1000 + self.dist.rank + 1 + 7919 * self.state.epoch)
+
+    def _rank_rngs(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG state for a checkpoint (a collective: every rank calls it)."""
+        states = D.all_gather_object(rng_state(self.engine.device), self.dist)
+        return {(k if r == 0 else f"{k}@{r}"): v for r, state in enumerate(states)
+                for k, v in state.items()}
 
     def _restore_metrics(self, resuming: bool) -> None:
         """On resume, keep the metrics lines the checkpoint covers and the time they took."""
@@ -491,7 +328,9 @@ class Trainer:
         self.state.train_seconds = sum(r.get("epoch_seconds", 0.0) for r in rows)
 
     def write_checkpoint(self, name: str, epoch: int, batch: int = 0,
-                         totals: dict[str, Any] | None = None, with_state: bool = True) -> None:
+                         totals: dict[str, Any] | None = None, with_state: bool = True,
+                         rngs: dict[str, torch.Tensor] | None = None) -> None:
+        """Rank 0 writes; ``rngs``: every rank's RNG state (:meth:`_rank_rngs`), else its own."""
         if not self.main:
             return
         s = self.state
@@ -505,8 +344,10 @@ class Trainer:
             optimizer_state = self.optimizer.state_dict()
             if self.lookahead is not None:
                 optimizer_state = self.lookahead.pack(optimizer_state)
-        save_checkpoint(self.run.checkpoint(name), self.model.state_dict(), meta,
-                        optimizer_state, rng_state(self.engine.device) if with_state else None)
+        kept = self.ema.state_dict() if self.ema else self.model.state_dict()
+        trained = self.model.state_dict() if self.ema and with_state else None
+        save_checkpoint(self.run.checkpoint(name), kept, meta, optimizer_state,
+                        (rngs or rng_state(self.engine.device)) if with_state else None, trained)
 
     # --- one epoch
     def train_epoch(self, epoch: int, stop: StopFlag) -> EpochTotals:
@@ -530,12 +371,17 @@ class Trainer:
                                                  start=first):
             it = epoch * steps + batch
             set_lr(self.optimizer, self.schedule.lr_at(it))
+            mix = None
+            if self.mixing is not None:
+                images, mix = self.mixing(images, labels, it)
             with self.health.watch_step(batch == first) if self.health else nullcontext():
-                loss, correct = self.step(images, labels)
+                loss, correct = self.step(images, labels, mix)
             if self.health and batch == steps - 1:
                 self.health.after_last_step()
             if self.lookahead is not None:
                 self.lookahead.after_step(it + 1, epoch)
+            if self.ema is not None:
+                self.ema.update(it + 1)
             totals.loss_sum += loss.double() * len(labels)
             totals.correct += correct
             totals.count += len(labels)
@@ -565,7 +411,7 @@ class Trainer:
                             f"checkpoint is {self.run.checkpoint('last')}")
 
     def _interrupt(self, signum: int, epoch: int, batch: int, totals: EpochTotals) -> None:
-        self.write_checkpoint("last", epoch, batch + 1, totals.saved())
+        self.write_checkpoint("last", epoch, batch + 1, totals.saved(), rngs=self._rank_rngs())
         D.shutdown(self.dist)
         raise TrainingInterrupted(
             f"interrupted by {signal.Signals(signum).name} at epoch {epoch + 1}, batch "
@@ -583,7 +429,7 @@ class Trainer:
         self._check_finite(train_loss, epoch)
         s.train_seconds += totals.seconds
         split = "val" if self.data.has_val else "test"
-        loss, acc = self.evaluate_sharded(self.data.per_epoch)
+        loss, acc = self.evaluate_sharded(self.data.per_epoch)  # the --ema average if on
         improved = self.data.has_val and acc > s.best["acc"]
         if improved:
             s.best, s.stale_epochs = {"acc": acc, "epoch": epoch + 1}, 0
@@ -601,7 +447,7 @@ class Trainer:
         s.epoch, s.batch, s.partial_totals = epoch + 1, 0, None
         # Decided before the checkpoint is written, so that a resume knows the run stopped.
         s.stopped_early = bool(c.early_stop and s.stale_epochs >= c.early_stop)
-        self._save_epoch(record, epoch, improved)
+        self._save_epoch(record, epoch, improved, self._rank_rngs())
         log.info("epoch %d/%d  loss %.4f  acc %.2f%%  %s_loss %.4f  %s_acc %.2f%%%s  lr %.4g  "
                  "%.1fs  %s img/s", epoch + 1, c.epochs, train_loss, 100 * train_acc, split,
                  loss, split, 100 * acc, " (monitoring only)" if split == "test" else "",
@@ -612,14 +458,15 @@ class Trainer:
 
     def evaluate_sharded(self, loader) -> tuple[float, float]:
         """(loss, accuracy) of a split each process holds a shard of."""
-        logits, labels = collect_logits(self.net, loader, self.engine)
+        logits, labels = collect_logits(self.evaluated, loader, self.engine)
         sums = torch.tensor([nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
                              float((logits.argmax(1) == labels).sum().item()),
                              float(len(labels))], dtype=torch.float64)
         D.all_reduce_sum(sums, self.dist)
         return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
-    def _save_epoch(self, record: dict[str, Any], epoch: int, improved: bool) -> None:
+    def _save_epoch(self, record: dict[str, Any], epoch: int, improved: bool,
+                    rngs: dict[str, torch.Tensor]) -> None:
         if not self.main:
             return
         self.run.append_metrics(record)
@@ -627,7 +474,7 @@ class Trainer:
             for finding in self.health.end_epoch(self.run.read_metrics()):
                 log.warning("%s", finding)
         self.trackers.epoch(record)
-        self.write_checkpoint("last", epoch + 1)
+        self.write_checkpoint("last", epoch + 1, rngs=rngs)
         if improved:
             self.write_checkpoint("best", epoch + 1, with_state=False)
 
@@ -638,11 +485,12 @@ class Trainer:
         summary.json and predictions.npz."""
         c = self.config
         tick = time.perf_counter()
-        logits, labels = collect_logits(self.model, self.data.test, self.engine, tta=c.tta,
+        tested = self.ema.module if self.ema else self.model
+        logits, labels = collect_logits(tested, self.data.test, self.engine, tta=c.tta,
                                         translate=c.tta_translate)
         test_seconds = time.perf_counter() - tick
         test = {**score(logits, labels), "balanced_acc": balance.mean_recall(logits, labels)}
-        digests = D.all_gather_object(weights_digest(self.model), self.dist)
+        digests = D.all_gather_object(weights_digest(tested), self.dist)
         if len(set(digests)) > 1:
             log.warning("processes ended with different weights: %s", digests)
         summary = self._summary(test, test_seconds, digests, wall_start, load_start, command)
@@ -745,6 +593,13 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def rank_rng(saved: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s states in a checkpoint's (rank 0's under the plain names)."""
+    if rank == 0:
+        return {k: v for k, v in saved.items() if "@" not in k}
+    return {k.split("@")[0]: v for k, v in saved.items() if k.endswith(f"@{rank}")}
 
 
 def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
