@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -170,33 +169,17 @@ def test_the_process_group_serves_the_cpu_tensors_of_a_gpu_run(monkeypatch, devi
     assert info.enabled and started["backend"] == backend
 
 
-def write_folder(root: Path, width: int, height: int, count: int = 12, noise: bool = True) -> None:
-    """train/ and test/ of two classes of width x height PNG images (the top half of 'b' white)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", count), ("test", count // 3)):
-        for name in ("a", "b"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = (rng.integers(0, 120, (height, width, 3), dtype=np.uint8) if noise
-                          else np.full((height, width, 3), 60, dtype=np.uint8))
-                if name == "b":
-                    pixels[: height // 2] = 255
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-
-
 def test_uniform_non_square_images_get_one_square_side_from_both_sides(tmp_path, capsys):
     """Every image 64x48: training, the checkpoint, evaluate and predict all use one square
     side (the shorter side, as for mixed sizes), where the width alone used to decide and the
     run ended in a matmul traceback."""
     from vggkit.data import load_dataset
     from vggkit.data.crops import native_side
+    from vggkit.data.testing import write_image_folder
     from vggkit.training.checkpoint import load_checkpoint
 
-    write_folder(tmp_path / "wide", 64, 48)
+    write_image_folder(tmp_path / "wide", classes=("a", "b"), per_class=12, test_per_class=4,
+                       size=(64, 48))
     run = tmp_path / "run"
     assert main(["train", "--model", "vgg_compact", "--dataset", f"folder:{tmp_path / 'wide'}",
                  "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "8",
@@ -208,9 +191,10 @@ def test_uniform_non_square_images_get_one_square_side_from_both_sides(tmp_path,
     assert main(["evaluate", str(run), "--json", "--precision", "fp32"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["top1"] == pytest.approx(summary["test_acc"])
-    assert main(["predict", str(run), str(tmp_path / "wide" / "test" / "b" / "0.png")]) == 0
+    assert main(["predict", str(run), str(tmp_path / "wide" / "test" / "b" / "0000.png")]) == 0
     # frames larger than a network takes (1920x1080; here 1300x1100) come down to at most 224
-    write_folder(tmp_path / "frames", 1300, 1100, count=3, noise=False)
+    write_image_folder(tmp_path / "frames", classes=("a", "b"), per_class=1, test_per_class=1,
+                       size=(1300, 1100))
     frames = load_dataset(f"folder:{tmp_path / 'frames'}", data_dir=str(tmp_path / "data"),
                           download=False)
     assert tuple(frames.x_train.shape[2:]) == (1100, 1300)  # read back as they are ...

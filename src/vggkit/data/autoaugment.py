@@ -141,10 +141,9 @@ def _affine(x: torch.Tensor, ops: torch.Tensor, m: torch.Tensor) -> torch.Tensor
     cos, sin = angle.cos(), angle.sin()
     rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
     a = torch.where(is_["rotate"][:, None, None], rot, a)
-    center = torch.tensor([w / 2, h / 2], device=dev)
-    t = torch.where(is_["rotate"][:, None], center - (rot @ center), t)
+    s = torch.tensor([w / 2, h / 2], device=dev)  # the center, and the pixel scale below
+    t = torch.where(is_["rotate"][:, None], s - (rot @ s), t)
     # pixel p = S (u + 1) with S = diag(w/2, h/2): u_in = S^-1 A S u + S^-1 (A S 1 + t) - 1
-    s = torch.tensor([w / 2, h / 2], device=dev)
     a_n = a * s[None, None, :] / s[None, :, None]
     t_n = (a @ s + t) / s - 1
     theta = torch.cat([a_n, t_n[:, :, None]], 2)

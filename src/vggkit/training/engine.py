@@ -457,10 +457,10 @@ class TrainStep:
         """Loss and backward of one batch, or of one chunk (``totals``: the whole batch's)."""
         own, other = totals if totals is not None else (None, None)
         with self.engine.autocast():
-            logits = self.model(images)
-            loss = self._loss(logits.float(), labels, own)
+            logits = self.model(images).float()
+            loss = self._loss(logits, labels, own)
             if partner is not None:
-                loss = lam * loss + (1 - lam) * self._loss(logits.float(), partner, other)
+                loss = lam * loss + (1 - lam) * self._loss(logits, partner, other)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         major = labels if partner is None or lam >= 0.5 else partner
         correct = (logits.detach().argmax(1) == major).sum()

@@ -36,10 +36,6 @@ class Mix:
     partner: torch.Tensor
     lam: float
 
-    def major(self, labels: torch.Tensor) -> torch.Tensor:
-        """Each image's label with the larger share."""
-        return labels if self.lam >= 0.5 else self.partner
-
 
 @dataclass
 class Mixing:
