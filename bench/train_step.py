@@ -12,6 +12,7 @@ fraction of the bf16 3x3-convolution peak measured in the same process.
     python bench/train_step.py --profile vgg16_bn   # where the step time goes
     python bench/train_step.py --nets vgg16_bn --image-size 224 --freeze-features
     python bench/train_step.py --freeze-compare --nets vgg16_bn --image-size 224 --batch 16
+    python bench/train_step.py --fused-compare          # fused BatchNorm + ReLU, A/B/C
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def _plain_loop(name: str, batch: int, bf16: bool, size: int = 32, freeze: bool 
     return step
 
 
-def vggkit_loop(name: str, batch: int, args):
+def vggkit_loop(name: str, batch: int, args, fuse_bn: bool = True):
     engine = make_engine("cpu", args.precision, channels_last=True, compile=args.compile,
                          threads=args.threads)
+    engine.fuse_bn = fuse_bn
     size, freeze = getattr(args, "image_size", 32), getattr(args, "freeze_features", False)
     model = engine.prepare(build(name, size=size, freeze=freeze))
     model = engine.maybe_compile(model)
@@ -181,15 +183,49 @@ def freeze_compare(args) -> None:
         rows.append([name, f"{args.batch / full:,.1f}", f"{args.batch / frozen:,.1f}",
                      f"{full / frozen:.2f}x"])
         print(" | ".join(rows[-1]), flush=True)
-    table = C.markdown_table(["network", "all layers trained img/s", "features frozen img/s",
-                              "speed-up"], rows)
+    record_compare(args, f"train_step_freeze_{args.image_size}px",
+                   ["network", "all layers trained img/s", "features frozen img/s", "speed-up"],
+                   rows, f"vggkit engine: {engine.describe()}\n\n",
+                   f"median of {windows} alternating windows of one step.")
+
+
+def record_compare(args, section: str, header: list[str], rows: list[list[str]], engine: str,
+                   method: str) -> None:
+    """Print a comparison's table and record it with its command, machine and method."""
+    table = C.markdown_table(header, rows)
     print(table)
-    body = (f"Command: `{C.command_line()}`\n\nMachine: {C.machine_line()}\n\nvggkit engine: "
-            f"{engine.describe()}\n\nBatch {args.batch}, 3x{args.image_size}x{args.image_size}, "
-            f"10 classes, SGD-Nesterov; median of {windows} alternating windows of one step.\n\n"
-            f"{table}\n")
+    body = (f"Command: `{C.command_line()}`\n\nMachine: {C.machine_line()}\n\n{engine}"
+            f"Batch {args.batch}, 3x{args.image_size}x{args.image_size}, 10 classes, "
+            f"SGD-Nesterov; {method}\n\n{table}\n")
     if args.record:
-        C.record(f"train_step_freeze_{args.image_size}px", body)
+        C.record(section, body)
+
+
+def fused_compare(args) -> None:
+    """The fused BatchNorm + ReLU (issue 31) against the engine with the stock layers and the
+    plain bf16 + channels_last loop, alternating window by window in one process."""
+    names, windows, rows = args.nets or ["vgg16_bn", "vgg_compact"], args.windows or 5, []
+    peak = conv_peak(torch.bfloat16)
+    for name in names:
+        size, steps = args.image_size, 4 if "compact" in name else 1
+        loops = {"fused": vggkit_loop(name, args.batch, args)[0],
+                 "stock": vggkit_loop(name, args.batch, args, fuse_bn=False)[0],
+                 "plain": plain_bf16_loop(name, args.batch, size, args.freeze_features)}
+        for loop in loops.values():
+            loop(), loop()  # warm-up
+        times = C.interleave(loops, windows, steps)
+        t = {k: C.median(v) for k, v in times.items()}
+        _, flops = C.conv_train_flops(build(name, size=size), (3, size, size))
+        rows.append([name, *(f"{args.batch / t[k]:,.1f}" for k in ("plain", "stock", "fused")),
+                     f"{t['stock'] / t['fused']:.3f}x", f"{t['plain'] / t['fused']:.2f}x",
+                     f"{flops * args.batch / t['fused'] / 1e12 / peak:.0%}"])
+        print(" | ".join(rows[-1]), flush=True)
+    peak = max(peak, conv_peak(torch.bfloat16))
+    record_compare(args, f"train_step_fused_bn_{args.image_size}px",
+                   ["network", "plain bf16 + channels_last img/s", "engine, stock BN + ReLU img/s",
+                    "engine, fused img/s", "fused / stock", "fused / plain", "of conv peak"], rows,
+                   "", f"median of {windows} alternating windows. Measured bf16 3x3-conv peak in "
+                   f"this run: {peak:.2f} TFLOP/s.")
 
 
 def profile(args) -> None:
@@ -318,6 +354,8 @@ def main(argv=None) -> None:
                     help="the fine-tuning step: features frozen, backward through the head alone")
     ap.add_argument("--freeze-compare", action="store_true",
                     help="vggkit's step with the features frozen against training everything")
+    ap.add_argument("--fused-compare", action="store_true",
+                    help="fused BatchNorm + ReLU vs the stock layers vs plain bf16, alternating")
     ap.add_argument("--windows", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
@@ -344,6 +382,8 @@ def main(argv=None) -> None:
         profile(args)
     elif args.freeze_compare:
         freeze_compare(args)
+    elif args.fused_compare:
+        fused_compare(args)
     else:
         run(args)
 

@@ -146,6 +146,21 @@ def test_non_finite_loss_stops_with_last_good_checkpoint_intact(tmp_path):
     assert all(torch.equal(before[k], after.model_state[k]) for k in before)
 
 
+def test_a_bf16_run_that_diverges_is_told_how_to_continue_in_fp32(tmp_path):
+    """The message names the resume that keeps the epochs done; following it works."""
+    train(tiny(tmp_path, epochs=1, precision="bf16"), progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as err:
+        train(TrainConfig(resume=str(run), epochs=3, lr=1e12, schedule="constant"),
+              progress=False)
+    assert str(err.value).endswith(f"continue it in fp32: vggkit train --resume {run} "
+                                   "--precision fp32")
+    # the failed resume saved its --lr 1e12 in the run's config: give a sane one back
+    done = train(TrainConfig(resume=str(run), epochs=2, precision="fp32", lr=0.04,
+                             schedule="constant"), progress=False)
+    assert done["epochs_completed"] == 2 and done["precision"] == "fp32"
+
+
 def test_bf16_and_fp32_reach_the_same_accuracy_on_digits(tmp_path):
     """Real data (scikit-learn's digits), same seed: bf16 autocast ends within 3 points."""
     kw = dict(model="vgg_compact", dataset="digits", image_size=8, epochs=6, batch_size=64, lr=0.05,

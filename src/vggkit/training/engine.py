@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from vggkit.errors import UsageError
+from vggkit.training.fused_bn import library as fused_bn_library
+from vggkit.training.fused_bn import use_fused_bn_relu
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +304,7 @@ class Engine:
     channels_last: bool = True
     compile: bool = False
     precision_reason: str = ""
+    fuse_bn: bool = True  # BatchNorm + ReLU fused where fast_convs are (training/fused_bn.py)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -322,11 +325,20 @@ class Engine:
         """bf16 training on a CPU: small-map 3x3 weight gradients as matmuls (FastConv2d)."""
         return self.device.type == "cpu" and self.precision == "bf16"
 
+    @property
+    def fused_bn(self) -> bool:
+        """BatchNorm + ReLU as one kernel each way (CPU bf16, eager, kernels built)."""
+        return (self.fuse_bn and self.fast_convs and not self.compile
+                and self.channels_last and fused_bn_library() is not None)
+
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move the model to the device and layout; on CPU bf16, swap in FastConv2d."""
+        """Move the model to the device and layout; on CPU bf16, swap in FastConv2d and the
+        fused BatchNorm + ReLU."""
         model = model.to(self.device, memory_format=self.memory_format)
         if self.fast_convs:
             use_fast_convs(model)
+        if self.fused_bn:
+            use_fused_bn_relu(model)
         return model
 
     def maybe_compile(self, model: nn.Module) -> nn.Module:
@@ -347,6 +359,7 @@ class Engine:
             "channels_last": self.channels_last,
             "compile": self.compile,
             "fast_convs": self.fast_convs,
+            "fused_bn": self.fused_bn,
             "threads": torch.get_num_threads(),
         }
 

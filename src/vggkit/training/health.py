@@ -24,11 +24,20 @@ GRAD_GROWTH = 100.0  # times the first measured norm
 GRAD_VANISH = 1e-7
 ADAM_HIGH_LR = 3e-3  # above this Adam/AdamW often wrecks a VGG without BatchNorm
 LOW_LR = {"sgd": 1e-4, "adam": 1e-6, "adamw": 1e-6}  # at or below: too low to move
+# A BatchNorm that divides its input by more than BN_GAIN, after PLAIN_RUN or more weight
+# layers without one, multiplies their gradients by as much; under SGD the step then moves
+# them by more than LARGE_STEP of their norm (lr * |grad| / |weight| / (1 - momentum)).
+BN_GAIN = 20.0
+PLAIN_RUN = 4
+LARGE_STEP = 0.01
+# The rate the advice names makes the median step about this: on the CIFAR-10 zip the faithful
+# VGG-19 BN-head recipe steps 2.1% (gain 103x) and stalls, its --lr 0.001 probe (0.2%) learns.
+TARGET_STEP = 0.002
 
 
 @dataclass(frozen=True)
 class Finding:
-    code: str  # chance | plateau | nonfinite | grad-explode | grad-vanish | dead-relu
+    code: str  # chance | plateau | nonfinite | grad-explode | grad-vanish | dead-relu | bn-gain
     message: str
     epoch: int
 
@@ -147,13 +156,50 @@ def check_dead_relus(dead: Sequence[str], model_name: str, epoch: int, advice: s
                    f"step. {advice}", epoch)
 
 
+@dataclass(frozen=True)
+class BnGain:
+    """What one BatchNorm layer did to the run's first step: the std of its input, how many
+    weight layers without BatchNorm come right before it, and the median relative SGD step
+    of those layers (lr * |grad| / |weight| / (1 - momentum))."""
+    layer: str
+    input_std: float
+    plain_layers: int
+    median_step: float
+
+
+def nice_rate(lr: float) -> float:
+    """``lr`` rounded to the nearest (in log) of 1, 2 or 5 times a power of ten
+    (0.00095 -> 0.001, 0.0032 -> 0.002)."""
+    exponent = math.floor(math.log10(lr))
+    candidates = [m * 10.0 ** e for e in (exponent, exponent + 1) for m in (1, 2, 5)]
+    return min(candidates, key=lambda c: abs(math.log(c / lr)))
+
+
+def check_bn_gain(gains: Sequence[BnGain], lr: float, epoch: int) -> Finding | None:
+    """A BatchNorm that amplifies the gradients of the plain layers before it so much that
+    the run's --lr moves them by several percent a step (VGG-19 with the BatchNorm head)."""
+    bad = [g for g in gains if g.input_std > 0 and 1 / g.input_std > BN_GAIN
+           and g.plain_layers >= PLAIN_RUN and g.median_step > LARGE_STEP]
+    if not bad:
+        return None
+    g = max(bad, key=lambda g: g.median_step)
+    rate = nice_rate(lr * TARGET_STEP / g.median_step)
+    return Finding("bn-gain", f"the BatchNorm {g.layer}, after {g.plain_layers} layers without "
+                   f"BatchNorm, divides an input of std {g.input_std:.2g}: it scales their "
+                   f"gradients up ~{1 / g.input_std:.0f}x, so at --lr {lr:g} each step moves "
+                   f"them by {g.median_step:.0%} of their weights (median). Try --lr {rate:g}, "
+                   f"which makes that step ~{TARGET_STEP:.1%}", epoch)
+
+
 def check_epoch(history: Sequence[dict[str, Any]], *, model_name: str, has_batchnorm: bool,
                 optimizer: str, lr: float, num_classes: int, grad_norms: Sequence[float] = (),
-                dead_relu_layers: Sequence[str] = ()) -> list[Finding]:
+                dead_relu_layers: Sequence[str] = (), bn_gains: Sequence[BnGain] = ()
+                ) -> list[Finding]:
     """Everything that looks wrong after the last epoch of ``history`` (metrics.jsonl
     records: epoch, train_loss, train_acc, val_loss, val_acc, lr). ``lr`` is the --lr the
     user set; ``grad_norms`` the norms measured so far (one an epoch, this epoch's last);
-    ``dead_relu_layers`` what :func:`dead_relu_probe` found this epoch. Use :func:`fresh`
+    ``dead_relu_layers`` what :func:`dead_relu_probe` found this epoch; ``bn_gains`` what
+    :func:`bn_gain_probe` measured on the run's first step. Use :func:`fresh`
     to report each kind once."""
     if not history:
         return []
@@ -166,6 +212,7 @@ def check_epoch(history: Sequence[dict[str, Any]], *, model_name: str, has_batch
         check_plateau(history),
         check_grad_norms(grad_norms, last["train_loss"], last["epoch"], advice),
         check_dead_relus(list(dead_relu_layers), model_name, last["epoch"], advice),
+        check_bn_gain(bn_gains, lr, last["epoch"]) if optimizer == "sgd" else None,
     ]
     return [f for f in found if f is not None]
 
@@ -219,6 +266,49 @@ def dead_relu_probe(model: nn.Module) -> Iterator[ReluProbe]:
     probe.dead.extend(name for name, any_alive in alive.items() if not bool(any_alive))
 
 
+def plain_runs(model: nn.Module) -> dict[str, list[str]]:
+    """For each BatchNorm layer (by module name), the weights of the convolutions and dense
+    layers right before it with no BatchNorm between, in module order (VGG's forward order)."""
+    runs: dict[str, list[str]] = {}
+    plain: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            plain.append(f"{name}.weight")
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            runs[name], plain = plain, []
+    return runs
+
+
+@contextlib.contextmanager
+def bn_gain_probe(model: nn.Module, lr: float, momentum: float) -> Iterator[list[BnGain]]:
+    """Around one training step (forward, backward, optimizer step): the input std of each
+    BatchNorm that follows PLAIN_RUN or more plain weight layers, and those layers' median
+    relative step, filled in when the block ends (the gradients are still there)."""
+    gains: list[BnGain] = []
+    runs = {name: run for name, run in plain_runs(model).items() if len(run) >= PLAIN_RUN}
+    stds: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            stds.setdefault(name, args[0].detach().float().std())
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in runs]
+    try:
+        yield gains
+    finally:
+        for handle in handles:
+            handle.remove()
+    params = dict(model.named_parameters())
+    for name, std in stds.items():
+        steps = [lr * float(params[w].grad.norm() / params[w].detach().norm()) / (1 - momentum)
+                 for w in runs[name] if params[w].grad is not None]
+        if steps:
+            gains.append(BnGain(name, float(std), len(runs[name]),
+                                sorted(steps)[len(steps) // 2]))
+
+
 # ----------------------------------------------------------------------------- the loop's monitor
 class HealthMonitor:
     """What the training loop keeps for the checks: the facts of the run, a dead-ReLU probe
@@ -226,7 +316,7 @@ class HealthMonitor:
     (each kind reported once)."""
 
     def __init__(self, model: nn.Module, *, model_name: str, optimizer: str, lr: float,
-                 num_classes: int, probe_relus: bool = True) -> None:
+                 num_classes: int, probe_relus: bool = True, momentum: float = 0.0) -> None:
         self.model = model
         self.facts = dict(model_name=model_name, has_batchnorm=has_batchnorm(model),
                           optimizer=optimizer, lr=lr)
@@ -234,17 +324,25 @@ class HealthMonitor:
         self.probe_relus = probe_relus  # off under torch.compile: hooks force recompiles
         self.grad_norms: list[float] = []
         self.dead: list[str] = []
+        self.momentum = momentum
+        self.bn_gains: list[BnGain] = []
         self.seen: set[str] = set()
         self.findings: list[Finding] = []
 
     @contextlib.contextmanager
-    def watch_step(self, first_of_epoch: bool) -> Iterator[None]:
+    def watch_step(self, first_of_epoch: bool, first_of_run: bool = False) -> Iterator[None]:
+        """Probes the step when it is the epoch's first (dead ReLUs) or the run's first
+        (BatchNorm gain; a resumed run's first step is not the run's)."""
         if not (first_of_epoch and self.probe_relus):
             yield
             return
-        with dead_relu_probe(self.model) as probe:
+        gains = (bn_gain_probe(self.model, self.facts["lr"], self.momentum)
+                 if first_of_run and self.facts["optimizer"] == "sgd" else
+                 contextlib.nullcontext([]))
+        with dead_relu_probe(self.model) as probe, gains as measured:
             yield
         self.dead = list(probe.dead)
+        self.bn_gains.extend(measured)
 
     def after_last_step(self) -> None:
         self.grad_norms.append(grad_norm(self.model))
@@ -252,7 +350,8 @@ class HealthMonitor:
     def end_epoch(self, history: Sequence[dict[str, Any]]) -> list[Finding]:
         """The new findings after this epoch's metrics line."""
         found = fresh(check_epoch(history, **self.facts, num_classes=self.num_classes,
-                                  grad_norms=self.grad_norms, dead_relu_layers=self.dead),
+                                  grad_norms=self.grad_norms, dead_relu_layers=self.dead,
+                                  bn_gains=self.bn_gains),
                       self.seen)
         self.findings.extend(found)
         return found

@@ -171,7 +171,8 @@ class Trainer:
         self.health = HealthMonitor(self.model, model_name=config.model,
                                     optimizer=config.optimizer, lr=config.lr,
                                     num_classes=self.data.num_classes,
-                                    probe_relus=not config.compile) if config.health else None
+                                    probe_relus=not config.compile,
+                                    momentum=config.momentum) if config.health else None
         self.optimizer = build_optimizer(self.model, config, self.lr)
         # after the optimizer, which holds the frozen features too; before DDP wraps the model
         self.freeze = FeatureFreeze.from_config(self.model, config, self.dist)
@@ -374,7 +375,8 @@ class Trainer:
             mix = None
             if self.mixing is not None:
                 images, mix = self.mixing(images, labels, it)
-            with self.health.watch_step(batch == first) if self.health else nullcontext():
+            with (self.health.watch_step(batch == first, it == 0) if self.health
+                  else nullcontext()):
                 loss, correct = self.step(images, labels, mix)
             if self.health and batch == steps - 1:
                 self.health.after_last_step()
@@ -407,8 +409,12 @@ class Trainer:
         where = f"epoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
         advice = (self.health.nonfinite_advice(self.engine.precision) if self.health else
                   f"lower --lr (now {self.lr:g}) or use --precision fp32")
+        # bf16/fp16 can tip a run that fp32 carries through (the classic VGG-16 at epoch 46):
+        # continuing the last checkpoint in fp32 keeps the epochs already trained
+        keep = (f"; to keep the epochs done, continue it in fp32: vggkit train --resume "
+                f"{self.run} --precision fp32" if self.engine.precision != "fp32" else "")
         raise NonFiniteLoss(f"loss became {loss} at {where}: {advice}; the last good "
-                            f"checkpoint is {self.run.checkpoint('last')}")
+                            f"checkpoint is {self.run.checkpoint('last')}{keep}")
 
     def _interrupt(self, signum: int, epoch: int, batch: int, totals: EpochTotals) -> None:
         self.write_checkpoint("last", epoch, batch + 1, totals.saved(), rngs=self._rank_rngs())
