@@ -13,31 +13,41 @@ from torch import nn
 
 from vggkit.models import create_model
 from vggkit.training import fused_bn
-from vggkit.training.fused_bn import BatchNormReLU2d, FusedAwayReLU, use_fused_bn_relu
+from vggkit.training.fused_bn import (BatchNormReLU2d, FusedAwayReLU, ReLUBatchNorm2d,
+                                      use_fused_bn_relu)
 
 pytestmark = pytest.mark.skipif(fused_bn.library() is None,
                                 reason="no C compiler to build the fused kernels")
 
 
-def pair(channels: int, seed: int = 0) -> tuple[nn.Sequential, nn.Sequential]:
-    """A stock BatchNorm2d + ReLU with non-trivial affine weights, and its fused twin."""
+def pair(channels: int, seed: int = 0, relu_first: bool = False
+         ) -> tuple[nn.Sequential, nn.Sequential]:
+    """A stock BatchNorm2d + ReLU (or ReLU + BatchNorm2d, the Keras order) with non-trivial
+    affine weights, and its fused twin."""
     torch.manual_seed(seed)
-    stock = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+    layers = [nn.BatchNorm2d(channels), nn.ReLU(inplace=not relu_first)]  # x is a leaf
+    stock = nn.Sequential(*(layers[::-1] if relu_first else layers))
+    bn = batchnorm(stock)
     with torch.no_grad():
-        stock[0].weight.uniform_(0.5, 1.5)
-        stock[0].bias.uniform_(-0.5, 0.5)
-        stock[0].running_mean.uniform_(-1, 1)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
     fused = copy.deepcopy(stock)
     assert use_fused_bn_relu(fused) == 1
-    assert type(fused[0]) is BatchNormReLU2d and type(fused[1]) is FusedAwayReLU
+    want = [FusedAwayReLU, ReLUBatchNorm2d] if relu_first else [BatchNormReLU2d, FusedAwayReLU]
+    assert [type(m) for m in fused] == want
     return stock, fused
+
+
+def batchnorm(model: nn.Sequential) -> nn.BatchNorm2d:
+    return next(m for m in model if isinstance(m, nn.BatchNorm2d))
 
 
 def run(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     x = x.clone().requires_grad_(True)
     y = model(x)
     y.backward(grad)
-    bn = model[0]
+    bn = batchnorm(model)
     return (y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean.clone(),
             bn.running_var.clone(), int(bn.num_batches_tracked))
 
@@ -50,23 +60,33 @@ def inputs(shape, dtype, seed=1, offset=3.0):
     return x.contiguous(memory_format=cl), grad.contiguous(memory_format=cl)
 
 
+@pytest.mark.parametrize("relu_first", [False, True])
 @pytest.mark.parametrize("shape", [(8, 64, 6, 5), (3, 7, 1, 1), (64, 16, 8, 8)])
-def test_fp32_matches_batchnorm_then_relu(shape):
-    stock, fused = pair(shape[1])
-    x, grad = inputs(shape, torch.float32)
+def test_fp32_matches_batchnorm_then_relu_and_relu_then_batchnorm(shape, relu_first):
+    """Output and running statistics to float rounding; the gradients, sums over every
+    pixel, as close to float64's as the stock layers' are."""
+    stock, fused = pair(shape[1], relu_first=relu_first)
+    exact = copy.deepcopy(stock).double()
+    x, grad = inputs(shape, torch.float32, offset=0.5 if relu_first else 3.0)
     for _ in range(2):  # twice: the running statistics follow the momentum
         want, got = run(stock, x, grad), run(fused, x, grad)
-    for name, a, b in zip(["y", "dx", "dweight", "dbias", "running_mean", "running_var"],
-                          want, got):
+        ref = run(exact, x.double(), grad.double())
+    for name, a, b in zip(["y", "running_mean", "running_var"], want[:1] + want[4:6],
+                          got[:1] + got[4:6]):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5, msg=name)
+    for name, a, b, e in zip(["dx", "dweight", "dbias"], want[1:4], got[1:4], ref[1:4]):
+        err_stock = (a.double() - e).norm() / e.norm()
+        err_fused = (b.double() - e).norm() / e.norm()
+        assert err_fused <= 1.5 * err_stock + 1e-6, (name, err_fused, err_stock)
     assert got[-1] == want[-1] == 2
     assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_bf16_is_no_further_from_float64_than_the_stock_layers():
+@pytest.mark.parametrize("relu_first", [False, True])
+def test_bf16_is_no_further_from_float64_than_the_stock_layers(relu_first):
     shape = (32, 128, 8, 8)
-    stock, fused = pair(shape[1])
-    x, grad = inputs(shape, torch.bfloat16)
+    stock, fused = pair(shape[1], relu_first=relu_first)
+    x, grad = inputs(shape, torch.bfloat16, offset=0.5 if relu_first else 3.0)
     exact = copy.deepcopy(stock).double()
     want = run(exact, x.double(), grad.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -123,6 +143,32 @@ def test_vgg16_bn_swaps_every_pair_keeps_its_keys_and_trains_as_before():
         torch.testing.assert_close(fused.state_dict()[name], a, rtol=1e-4, atol=1e-5, msg=name)
     stock.eval(), fused.eval()
     torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_compact_net_fuses_its_relu_then_batchnorm_and_its_relus_still_report_dead():
+    from vggkit.training.health import dead_relu_probe
+
+    torch.manual_seed(0)
+    stock = create_model("vgg_compact", num_classes=10, input_size=32, head="compact")
+    fused = copy.deepcopy(stock)
+    assert use_fused_bn_relu(fused) == sum(isinstance(m, nn.BatchNorm2d)
+                                           for m in stock.features)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for model in (stock, fused):
+        model.to(memory_format=torch.channels_last)
+    outputs = []
+    for model in (stock, fused):
+        torch.manual_seed(1)  # the same dropout masks
+        outputs.append(model(x))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+    dead = []
+    for model in (stock, fused):
+        with torch.no_grad():
+            model.features[0].bias.fill_(-1e3)  # the first ReLU outputs only zeros
+        with dead_relu_probe(model) as probe:
+            model(x)
+        dead.append(probe.dead)
+    assert dead[0][0] == "features.1" and dead[1] == dead[0], dead
 
 
 def test_disabled_by_the_environment(monkeypatch):

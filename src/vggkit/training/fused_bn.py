@@ -5,8 +5,9 @@ pass for the input gradient, backward, where stock PyTorch makes five and eight 
 The kernels (``kernels/bn_relu.c``) are plain C with OpenMP, built at first use with the
 machine's compiler into the user cache and loaded with ctypes; without a compiler, or if the
 build fails, the stock layers run and the log says why. :func:`use_fused_bn_relu` swaps each
-``BatchNorm2d`` followed by a ``ReLU`` in a Sequential for :class:`BatchNormReLU2d` and the
-ReLU for :class:`FusedAwayReLU` (class swaps: parameters, buffers, hooks and state-dict keys
+``BatchNorm2d`` followed by a ``ReLU`` in a Sequential for :class:`BatchNormReLU2d` (one
+preceded by a ReLU, the Keras order, for :class:`ReLUBatchNorm2d`) and the ReLU for
+:class:`FusedAwayReLU` (class swaps: parameters, buffers, hooks and state-dict keys
 stay). Only training on CPU tensors in channels_last (bf16 or fp32) takes the kernels;
 evaluation, export, CUDA and other layouts run ``relu(batch_norm(x))`` as before.
 """
@@ -37,8 +38,8 @@ DISABLE_ENV = "VGGKIT_FUSED_BN"  # "0": never build or use the kernels
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
-    "forward": [_P, _P, _I, _I, _P, _P, ctypes.c_double, _P, _P, _P],
-    "backward": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P],
+    "forward": [_P, _P, _I, _I, _P, _P, ctypes.c_double, _P, _P, _P, ctypes.c_int],
+    "backward": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, ctypes.c_int],
 }
 
 
@@ -104,19 +105,22 @@ def _suffix(dtype: torch.dtype) -> str:
 
 
 class _BatchNormReLU(torch.autograd.Function):
-    """relu(batch_norm(x)) in training mode; also returns the batch mean and biased variance
-    for the running statistics (not differentiable)."""
+    """relu(batch_norm(x)), or batch_norm(relu(x)) with ``relu_first``, in training mode;
+    also returns the batch mean and biased variance for the running statistics (not
+    differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, relu_first):
         n, c, h, w = x.shape
         y = torch.empty_like(x)
         stats = torch.empty(3, c, dtype=torch.float32)  # mean, invstd, biased variance
         lib = library()
         getattr(lib, f"bn_relu_forward_{_suffix(x.dtype)}")(
             _ptr(x), _ptr(y), n * h * w, c, _ptr(weight), _ptr(bias), eps,
-            _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]))
-        ctx.save_for_backward(x, y, weight, stats)
+            _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), int(relu_first))
+        # relu first: the backward needs x alone (its mask and relu(x) come from it)
+        ctx.save_for_backward(x, x if relu_first else y, weight, stats)
+        ctx.relu_first = relu_first
         ctx.mark_non_differentiable(stats)
         return y, stats
 
@@ -129,14 +133,20 @@ class _BatchNormReLU(torch.autograd.Function):
         grads = torch.empty(2, c, dtype=torch.float32)  # weight, bias
         getattr(library(), f"bn_relu_backward_{_suffix(x.dtype)}")(
             _ptr(x), _ptr(y), _ptr(grad_y), _ptr(grad_x), n * h * w, c, _ptr(weight),
-            _ptr(stats[0]), _ptr(stats[1]), _ptr(grads[0]), _ptr(grads[1]))
-        return grad_x, grads[0], grads[1], None
+            _ptr(stats[0]), _ptr(stats[1]), _ptr(grads[0]), _ptr(grads[1]),
+            int(ctx.relu_first))
+        return grad_x, grads[0], grads[1], None, None
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose output goes through ReLU (the next layer is a
     :class:`FusedAwayReLU`). In training on a CPU channels_last bf16/fp32 tensor the fused
     kernels run; otherwise ``relu(batch_norm(x))``. Same parameters, buffers and keys."""
+
+    relu_first = False
+
+    def _stock(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         return (self.training and self.track_running_stats and self.affine
@@ -148,9 +158,10 @@ class BatchNormReLU2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused_ok(x):
-            return F.relu(super().forward(x))
+            return self._stock(x)
         with torch.autocast("cpu", enabled=False):
-            y, stats = _BatchNormReLU.apply(x, self.weight, self.bias, self.eps)
+            y, stats = _BatchNormReLU.apply(x, self.weight, self.bias, self.eps,
+                                            self.relu_first)
         self._update_running_stats(stats[0], stats[2], x.shape[0] * x.shape[2] * x.shape[3])
         return y
 
@@ -165,17 +176,33 @@ class BatchNormReLU2d(nn.BatchNorm2d):
         self.running_var.lerp_(var * (n / (n - 1)), momentum)
 
 
+class ReLUBatchNorm2d(BatchNormReLU2d):
+    """nn.BatchNorm2d after a ReLU (the Keras order; the ReLU before it is a
+    :class:`FusedAwayReLU`): ``batch_norm(relu(x))``, fused as :class:`BatchNormReLU2d`."""
+
+    relu_first = True
+
+    def _stock(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.BatchNorm2d.forward(self, F.relu(x))
+
+
 class FusedAwayReLU(nn.ReLU):
-    """The ReLU after a :class:`BatchNormReLU2d`, which already applied it: passes its input
-    through. Still an nn.ReLU, so hooks on ReLU layers (the dead-ReLU probe) see its output."""
+    """A ReLU that the BatchNorm beside it applies: passes its input through. Still an
+    nn.ReLU, so hooks on ReLU layers see it (the dead-ReLU probe asks whether any output is
+    above zero, which its input answers as the ReLU's output would)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
+def _plain_bn(module: nn.Module) -> bool:
+    return type(module) is nn.BatchNorm2d and module.affine and module.track_running_stats
+
+
 def use_fused_bn_relu(model: nn.Module) -> int:
-    """Swap each BatchNorm2d that a ReLU follows in a Sequential for the fused pair (in
-    place). Returns how many pairs were swapped; 0 when the kernels are unavailable."""
+    """Swap each BatchNorm2d next to a ReLU in a Sequential (BatchNorm then ReLU, or ReLU
+    then BatchNorm) for a fused pair, in place. Returns how many pairs were swapped; 0 when
+    the kernels are unavailable."""
     if library() is None:
         return 0
     n = 0
@@ -183,9 +210,12 @@ def use_fused_bn_relu(model: nn.Module) -> int:
         if not isinstance(seq, nn.Sequential):
             continue
         layers = list(seq)
-        for bn, relu in zip(layers, layers[1:]):
-            if type(bn) is nn.BatchNorm2d and type(relu) is nn.ReLU and bn.affine \
-                    and bn.track_running_stats:
-                bn.__class__, relu.__class__ = BatchNormReLU2d, FusedAwayReLU
-                n += 1
+        for first, second in zip(layers, layers[1:]):
+            if _plain_bn(first) and type(second) is nn.ReLU:
+                first.__class__, second.__class__ = BatchNormReLU2d, FusedAwayReLU
+            elif type(first) is nn.ReLU and _plain_bn(second):
+                first.__class__, second.__class__ = FusedAwayReLU, ReLUBatchNorm2d
+            else:
+                continue
+            n += 1
     return n

@@ -253,7 +253,9 @@ def dead_relu_probe(model: nn.Module) -> Iterator[ReluProbe]:
     def hook_for(name: str):
         def hook(_module, _args, output):
             if name not in alive:  # the first batch only
-                alive[name] = output.detach().ne(0).any()  # a device tensor: no sync here
+                # above zero, not non-zero: a ReLU fused into the BatchNorm after it passes
+                # its input through, and that answers as the ReLU's output would
+                alive[name] = output.detach().gt(0).any()  # a device tensor: no sync here
         return hook
 
     handles = [m.register_forward_hook(hook_for(name)) for name, m in model.named_modules()

@@ -1,4 +1,4 @@
-/* BatchNorm (training mode) + ReLU in one pass each way, for channels_last tensors seen as
+/* BatchNorm (training mode) and ReLU, in either order, fused one pass each way, for channels_last tensors seen as
  * P rows (batch x height x width) of C channels, in bf16 (uint16 bits) or fp32.
  *
  * Stock PyTorch reads and writes each activation 5 times forward (statistics, normalise,
@@ -16,6 +16,7 @@
 #include <string.h>
 
 #define BLOCK 64
+#define RELU(v) ((v) > 0.0f ? (v) : 0.0f)
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -61,14 +62,15 @@ static inline void add_parts(const double *part, int threads, int64_t c, int64_t
 }
 
 #define DEFINE_KERNELS(SUFFIX, T, LOAD, STORE)                                                   \
-/* Forward: mean, invstd and biased variance per channel, then y = relu(x * a + b). */          \
+/* Forward: mean, invstd and biased variance per channel, then y = relu(x * a + b); with        \
+ * relu_first, of r = relu(x) and y = r * a + b (the Keras order: ReLU, then BatchNorm). */     \
 void bn_relu_forward_##SUFFIX(const T *x, T *y, int64_t rows, int64_t c, const float *gamma,     \
                               const float *beta, double eps, float *mean_out,                   \
-                              float *invstd_out, float *var_out) {                              \
+                              float *invstd_out, float *var_out, int relu_first) {              \
     int threads = omp_get_max_threads();                                                        \
     double *part = calloc((size_t)threads * 2 * c, sizeof(double));                             \
     float *shift = malloc(3 * c * sizeof(float)), *a = shift + c, *b = a + c;                   \
-    for (int64_t j = 0; j < c; j++) shift[j] = LOAD(x[j]);                                      \
+    for (int64_t j = 0; j < c; j++) shift[j] = relu_first ? RELU(LOAD(x[j])) : LOAD(x[j]);      \
     _Pragma("omp parallel num_threads(threads)") {                                              \
         int64_t lo, hi;                                                                         \
         rows_of(rows, &lo, &hi);                                                                \
@@ -77,7 +79,7 @@ void bn_relu_forward_##SUFFIX(const T *x, T *y, int64_t rows, int64_t c, const f
         for (int64_t p = lo; p < hi; p++) {                                                     \
             const T *row = x + p * c;                                                           \
             for (int64_t j = 0; j < c; j++) {                                                   \
-                float v = LOAD(row[j]) - shift[j];                                              \
+                float v = (relu_first ? RELU(LOAD(row[j])) : LOAD(row[j])) - shift[j];         \
                 bs[j] += v;                                                                     \
                 bq[j] += v * v;                                                                 \
             }                                                                                   \
@@ -103,8 +105,8 @@ void bn_relu_forward_##SUFFIX(const T *x, T *y, int64_t rows, int64_t c, const f
             const T *row = x + p * c;                                                           \
             T *out = y + p * c;                                                                 \
             for (int64_t j = 0; j < c; j++) {                                                   \
-                float v = LOAD(row[j]) * a[j] + b[j];                                           \
-                out[j] = STORE(v > 0.0f ? v : 0.0f);                                            \
+                float v = (relu_first ? RELU(LOAD(row[j])) : LOAD(row[j])) * a[j] + b[j];      \
+                out[j] = STORE(relu_first ? v : RELU(v));                                       \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
@@ -112,10 +114,12 @@ void bn_relu_forward_##SUFFIX(const T *x, T *y, int64_t rows, int64_t c, const f
 }                                                                                               \
                                                                                                 \
 /* Backward: dz = dy where y > 0; dbeta = sum dz, dgamma = sum dz * xhat; then                  \
- * dx = gamma * invstd * (dz - dbeta / P - xhat * dgamma / P). */                               \
+ * dx = gamma * invstd * (dz - dbeta / P - xhat * dgamma / P). With relu_first: dz = dy,         \
+ * xhat from r = relu(x), and dx is that where x > 0, else 0 (y is not read). */                \
 void bn_relu_backward_##SUFFIX(const T *x, const T *y, const T *dy, T *dx, int64_t rows,         \
                                int64_t c, const float *gamma, const float *mean,                \
-                               const float *invstd, float *dgamma, float *dbeta) {              \
+                               const float *invstd, float *dgamma, float *dbeta,                \
+                               int relu_first) {                                                \
     int threads = omp_get_max_threads();                                                        \
     double *part = calloc((size_t)threads * 2 * c, sizeof(double));                             \
     float *ka = malloc(3 * c * sizeof(float)), *kb = ka + c, *kc = kb + c;                      \
@@ -127,9 +131,10 @@ void bn_relu_backward_##SUFFIX(const T *x, const T *y, const T *dy, T *dx, int64
         for (int64_t p = lo; p < hi; p++) {                                                     \
             const T *xr = x + p * c, *yr = y + p * c, *gr = dy + p * c;                         \
             for (int64_t j = 0; j < c; j++) {                                                   \
-                float dz = LOAD(yr[j]) > 0.0f ? LOAD(gr[j]) : 0.0f;                             \
+                float xv = LOAD(xr[j]);                                                         \
+                float dz = relu_first || LOAD(yr[j]) > 0.0f ? LOAD(gr[j]) : 0.0f;               \
                 bs[j] += dz;                                                                    \
-                bx[j] += dz * (LOAD(xr[j]) - mean[j]);                                          \
+                bx[j] += dz * ((relu_first ? RELU(xv) : xv) - mean[j]);                         \
             }                                                                                   \
             if ((p - lo) % BLOCK == BLOCK - 1) { flush(bs, ts, c); flush(bx, tx, c); }          \
         }                                                                                       \
@@ -153,8 +158,10 @@ void bn_relu_backward_##SUFFIX(const T *x, const T *y, const T *dy, T *dx, int64
             const T *xr = x + p * c, *yr = y + p * c, *gr = dy + p * c;                         \
             T *out = dx + p * c;                                                                \
             for (int64_t j = 0; j < c; j++) {                                                   \
-                float dz = LOAD(yr[j]) > 0.0f ? LOAD(gr[j]) : 0.0f;                             \
-                out[j] = STORE(ka[j] * dz + kb[j] + kc[j] * (LOAD(xr[j]) - mean[j]));           \
+                float xv = LOAD(xr[j]);                                                         \
+                float dz = relu_first || LOAD(yr[j]) > 0.0f ? LOAD(gr[j]) : 0.0f;               \
+                float d = ka[j] * dz + kb[j] + kc[j] * ((relu_first ? RELU(xv) : xv) - mean[j]);\
+                out[j] = STORE(relu_first && !(xv > 0.0f) ? 0.0f : d);                          \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
