@@ -8,16 +8,20 @@ window by window; the table gives the median images/s of the windows, the achiev
 fraction of the bf16 3x3-convolution peak measured in the same process.
 
     python bench/train_step.py --quick     # vgg16_bn + compact, < 3 minutes
-    python bench/train_step.py             # all five networks
+    python bench/train_step.py             # every network of NETS
     python bench/train_step.py --profile vgg16_bn   # where the step time goes
     python bench/train_step.py --nets vgg16_bn --image-size 224 --freeze-features
     python bench/train_step.py --freeze-compare --nets vgg16_bn --image-size 224 --batch 16
     python bench/train_step.py --fused-compare          # fused BatchNorm + ReLU, A/B/C
+    python bench/train_step.py --memory --nets vgg16_bn --image-size 224 --batch 32  # peak RSS
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +42,7 @@ NETS = {
     "vgg19_bn": ("vgg19_bn", "linear"),
     "vgg_compact": ("vgg_compact", "compact"),
     "vgg16_bn+4096": ("vgg16_bn", "classic"),
+    "vgg16": ("vgg16", "classic"),  # no BatchNorm: the photos goal's second network
 }
 
 
@@ -228,6 +233,52 @@ def fused_compare(args) -> None:
                    f"this run: {peak:.2f} TFLOP/s.")
 
 
+# --memory: each step kind in a fresh process, so that its peak RSS is its own. "freed memory
+# returned" sets glibc's default trim threshold, which turns off the engine's keep_freed_memory.
+MEMORY_KINDS = {"plain bf16 + channels_last": ("plain", {}),
+                "engine, stock BN + ReLU": ("stock", {}),
+                "engine, fused": ("fused", {}),
+                "engine, fused, freed memory returned": ("fused", {"MALLOC_TRIM_THRESHOLD_": "131072"})}
+
+
+def memory_child(args) -> None:
+    """One process, one kind of step: build, 2 warm-up steps, then ``--windows`` timed steps;
+    prints the median step seconds and the process's peak RSS in MiB."""
+    name, kind = (args.nets or ["vgg16_bn"])[0], args.memory_child
+    if kind == "plain":
+        step = plain_bf16_loop(name, args.batch, args.image_size, args.freeze_features)
+    else:
+        step = vggkit_loop(name, args.batch, args, fuse_bn=kind == "fused")[0]
+    step(), step()
+    times = []
+    for _ in range(args.windows or 3):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(f"RESULT {C.median(times):.4f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+
+
+def memory(args) -> None:
+    """Peak RSS and step time of each kind of step, each in its own process, one after another."""
+    name, rows = (args.nets or ["vgg16_bn"])[0], []
+    for label, (kind, env) in MEMORY_KINDS.items():
+        cmd = [sys.executable, __file__, "--memory-child", kind, "--nets", name, "--batch",
+               str(args.batch), "--image-size", str(args.image_size), "--windows",
+               str(args.windows or 3), "--precision", args.precision]
+        cmd += ["--freeze-features"] if args.freeze_features else []
+        out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode or not line:
+            raise SystemExit(f"{label}: the child failed: {out.stderr.strip()[-400:]}")
+        seconds, rss = map(float, line[0].split()[1:])
+        rows.append([label, f"{rss / 1024:.2f}", f"{args.batch / seconds:,.2f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    record_compare(args, f"train_step_memory_{args.image_size}px",
+                   ["step", "peak RSS GiB", "img/s"], rows, f"Network: {name}.\n\n",
+                   f"each kind in a fresh process (2 warm-up steps, median of "
+                   f"{args.windows or 3} steps); peak RSS is the process's ru_maxrss.")
+
+
 def profile(args) -> None:
     """Operator table of a few engine steps, by self CPU time."""
     from torch.profiler import ProfilerActivity
@@ -356,6 +407,9 @@ def main(argv=None) -> None:
                     help="vggkit's step with the features frozen against training everything")
     ap.add_argument("--fused-compare", action="store_true",
                     help="fused BatchNorm + ReLU vs the stock layers vs plain bf16, alternating")
+    ap.add_argument("--memory", action="store_true",
+                    help="peak RSS and speed of each kind of step, each in a fresh process")
+    ap.add_argument("--memory-child", choices=["plain", "stock", "fused"], help=argparse.SUPPRESS)
     ap.add_argument("--windows", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
@@ -384,6 +438,10 @@ def main(argv=None) -> None:
         freeze_compare(args)
     elif args.fused_compare:
         fused_compare(args)
+    elif args.memory_child:
+        memory_child(args)
+    elif args.memory:
+        memory(args)
     else:
         run(args)
 

@@ -188,6 +188,11 @@ class TrainConfig:
                             metavar="DECAY")
     ema_warmup: bool = opt(False, "with --ema: the decay of step t is min(DECAY, "
                            "1 - (1 + t)^(-2/3)) (timm's warm-up), for short runs")
+    precise_bn: int = opt(0, "before each evaluation, compute every BatchNorm's running "
+                          "statistics again as the average over N fixed training images, seen "
+                          "as evaluation sees them (no augmentation, dropout off): detectron2's "
+                          "PreciseBN; 0 keeps the running averages of training",
+                          metavar="N")
     # --- fine-tuning (Keras's trainable=False, fastai's fine_tune and discriminative rates)
     freeze_features: bool = opt(False, "train the head alone: the convolutional features keep "
                                 "their weights and BatchNorm statistics for the whole run "
@@ -450,6 +455,9 @@ def validate(config: TrainConfig, source: str = "command line") -> TrainConfig:
 
 
 def validate_regularisers(config: TrainConfig, bad) -> None:
+    if isinstance(config.precise_bn, bool) or not isinstance(config.precise_bn, int) \
+            or config.precise_bn < 0:
+        raise bad("precise_bn", "must be a number of training images (0 for off), like 5120")
     if config.ema is not None and not 0 < config.ema < 1:
         raise bad("ema", "must be a decay in (0, 1), like 0.999")
     for name in ("mixup", "cutmix"):

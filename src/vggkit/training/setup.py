@@ -8,6 +8,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from vggkit.models.weights import remap_stagewise, without_last_layer
 from vggkit.training import distributed as D
 from vggkit.training.checkpoint import check_loadable, find_checkpoint, load_checkpoint
 from vggkit.training.engine import Engine
+from vggkit.training.precise_bn import image_positions
 
 log = logging.getLogger("vggkit.train")
 
@@ -48,6 +50,8 @@ class Data:
     has_val: bool
     val_source: str
     photo: dict[str, Any] | None = None  # photo folders: the stored side and the eval crop
+    bn_stats: Any = None  # --precise-bn: its fixed training images, as evaluation sees them
+    bn_loader: Callable[[int], Any] | None = None  # N such images (the health probe's)
 
     @property
     def channels(self) -> int:
@@ -76,6 +80,7 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     while the others wait without the collectives' timeout; then every rank loads the
     prepared copy from the node's cache at the image size the model needs."""
     from vggkit.data import Augment, Loader, load_dataset
+    from vggkit.data.store import MappedImages
     from vggkit.data.crops import native_side, photo_crops
     from vggkit.data.sources.folder import MAX_COMMON_SIDE
 
@@ -136,8 +141,19 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     test = Loader(dataset.x_test, dataset.y_test, config.eval_batch_size, shuffle=False,
                   photo=eval_crop, **common)
     photo_meta = {"stored_side": dataset.x_train.shape[-1], "crop_pct": config.crop_pct} if photos else None
+
+    def bn_loader(count: int) -> Loader:
+        """--precise-bn's images (and the health probe's): ``count`` fixed training images,
+        sharded, as evaluation sees them."""
+        pos = image_positions(len(dataset.y_train), count, config.seed)
+        index = pos if isinstance(dataset.x_train, MappedImages) else torch.from_numpy(pos)
+        return Loader(dataset.x_train[index], dataset.y_train[torch.from_numpy(pos)],
+                      config.batch_size, shuffle=False, rank=dist.rank,
+                      world_size=dist.world_size, photo=eval_crop, **common)
+
     return Data(dataset, image_size, mean, std, train, per_epoch, test, has_val,
-                describe_val_source(config, dataset, has_val), photo_meta)
+                describe_val_source(config, dataset, has_val), photo_meta,
+                bn_loader(config.precise_bn) if config.precise_bn else None, bn_loader)
 
 
 def describe_val_source(config: TrainConfig, dataset: Any, has_val: bool) -> str:

@@ -42,7 +42,8 @@ from vggkit.training.checkpoint import Checkpoint, save_checkpoint
 from vggkit.training.ema import WeightEMA
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine
 from vggkit.training.finetune import FeatureFreeze
-from vggkit.training.health import Finding, HealthMonitor
+from vggkit.training.health import (BN_PROBE_IMAGES, Finding, HealthMonitor,
+                                    check_bn_stats)
 from vggkit.training.mixing import Mixing
 from vggkit.training.optim import (
     Lookahead,
@@ -51,6 +52,7 @@ from vggkit.training.optim import (
     set_lr,
     settle_fused_state,
 )
+from vggkit.training.precise_bn import batchnorms, recompute_bn_stats
 from vggkit.training.progress import Progress
 from vggkit.training.resume import check_world_size, resolve_resume
 from vggkit.training.scoring import collect_logits, score
@@ -435,6 +437,7 @@ class Trainer:
         self._check_finite(train_loss, epoch)
         s.train_seconds += totals.seconds
         split = "val" if self.data.has_val else "test"
+        self.precise_bn(self.ema.module if self.ema else self.model)
         loss, acc = self.evaluate_sharded(self.data.per_epoch)  # the --ema average if on
         improved = self.data.has_val and acc > s.best["acc"]
         if improved:
@@ -454,6 +457,8 @@ class Trainer:
         # Decided before the checkpoint is written, so that a resume knows the run stopped.
         s.stopped_early = bool(c.early_stop and s.stale_epochs >= c.early_stop)
         self._save_epoch(record, epoch, improved, self._rank_rngs())
+        if epoch == 0 and self.health is not None and not c.precise_bn and self.data.has_val:
+            self._probe_bn_stats(acc, epoch)
         log.info("epoch %d/%d  loss %.4f  acc %.2f%%  %s_loss %.4f  %s_acc %.2f%%%s  lr %.4g  "
                  "%.1fs  %s img/s", epoch + 1, c.epochs, train_loss, 100 * train_acc, split,
                  loss, split, 100 * acc, " (monitoring only)" if split == "test" else "",
@@ -461,6 +466,39 @@ class Trainer:
         if s.stopped_early:
             log.info("early stop: no better validation accuracy for %d epochs", s.stale_epochs)
         return record
+
+    def precise_bn(self, model: nn.Module) -> None:
+        """--precise-bn: the BatchNorm statistics evaluation will use, computed again."""
+        if self.data.bn_stats is not None:
+            batches = (images for images, _ in self.data.bn_stats.epoch(0))
+            recompute_bn_stats(model, batches, self.engine.autocast(), self.dist,
+                               self._kept_norms())
+
+    def _kept_norms(self) -> tuple[str, ...]:
+        """Frozen features keep their BatchNorm statistics (--freeze-features)."""
+        return ("features",) if self.freeze.frozen else ()
+
+    def _probe_bn_stats(self, running_acc: float, epoch: int) -> None:
+        """Health, after the first epoch: would statistics computed again validate better?
+        The running ones are put back, so the run goes on unchanged."""
+        model = self.ema.module if self.ema else self.model
+        norms = batchnorms(model, self._kept_norms())
+        if not norms or self.data.bn_loader is None:
+            return
+        kept = [[t.clone() for t in (b.running_mean, b.running_var, b.num_batches_tracked)]
+                for b in norms]
+        loader = self.data.bn_loader(BN_PROBE_IMAGES)
+        images = recompute_bn_stats(model, (x for x, _ in loader.epoch(0)),
+                                    self.engine.autocast(), self.dist, self._kept_norms())
+        _, precise_acc = self.evaluate_sharded(self.data.per_epoch)
+        with torch.no_grad():
+            for b, saved in zip(norms, kept):
+                for t, value in zip((b.running_mean, b.running_var, b.num_batches_tracked), saved):
+                    t.copy_(value)
+        count = min(BN_PROBE_IMAGES, images * self.dist.world_size)
+        found = self.health.note(check_bn_stats(running_acc, precise_acc, count, epoch + 1))
+        if found is not None and self.main:
+            log.warning("%s", found)
 
     def evaluate_sharded(self, loader) -> tuple[float, float]:
         """(loss, accuracy) of a split each process holds a shard of."""
@@ -492,6 +530,7 @@ class Trainer:
         c = self.config
         tick = time.perf_counter()
         tested = self.ema.module if self.ema else self.model
+        self.precise_bn(tested)  # as the last epoch's, unless the run ended mid-epoch
         logits, labels = collect_logits(tested, self.data.test, self.engine, tta=c.tta,
                                         translate=c.tta_translate)
         test_seconds = time.perf_counter() - tick
