@@ -287,15 +287,17 @@ def test_stale_batchnorm_statistics_are_told_to_use_precise_bn():
     assert check_bn_stats(0.50, 0.53, 5120, 1) is None  # within noise: nothing to say
 
 
-def test_the_bn_statistics_probe_leaves_the_run_as_it_was(tmp_path):
+def test_the_bn_statistics_probe_leaves_the_run_as_it_was(tmp_path, monkeypatch):
     """The probe after epoch 1 computes the statistics again, validates, and puts the running
     ones back: the checkpoint, buffers included, is the same bits as a run without health."""
     from vggkit.config import TrainConfig
+    from vggkit.training import trainer as trainer_module
     from vggkit.training.checkpoint import load_checkpoint
     from vggkit.workflow import train
 
     tiny = dict(model="vgg_compact", dataset="digits", image_size=16, batch_size=64, lr=0.05,
                 report=False, precision="fp32", threads=1, epochs=2)
+    monkeypatch.setattr(trainer_module, "BN_PROBE_MIN_STEPS", 1)  # the tiny run has few
     train(TrainConfig(**tiny, out=str(tmp_path / "a")), progress=False)
     train(TrainConfig(**tiny, out=str(tmp_path / "b"), health=False), progress=False)
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors").model_state

@@ -39,6 +39,9 @@ TARGET_STEP = 0.004
 # with the BatchNorm head, 4 epochs into its strong recipe on the CIFAR-10 zip: 4% -> 52%.
 STALE_BN_GAIN = 0.05
 BN_PROBE_IMAGES = 5120
+# ... measured only after a first epoch of at least this many steps: before that, running
+# averages (momentum 0.1) still carry their start, and any short run would be told.
+BN_PROBE_MIN_STEPS = 100
 
 
 @dataclass(frozen=True)

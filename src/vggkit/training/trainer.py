@@ -42,8 +42,8 @@ from vggkit.training.checkpoint import Checkpoint, save_checkpoint
 from vggkit.training.ema import WeightEMA
 from vggkit.training.engine import Engine, TrainStep, cpu_name, make_engine
 from vggkit.training.finetune import FeatureFreeze
-from vggkit.training.health import (BN_PROBE_IMAGES, Finding, HealthMonitor,
-                                    check_bn_stats)
+from vggkit.training.health import (BN_PROBE_IMAGES, BN_PROBE_MIN_STEPS, Finding,
+                                    HealthMonitor, check_bn_stats)
 from vggkit.training.mixing import Mixing
 from vggkit.training.optim import (
     Lookahead,
@@ -457,7 +457,8 @@ class Trainer:
         # Decided before the checkpoint is written, so that a resume knows the run stopped.
         s.stopped_early = bool(c.early_stop and s.stale_epochs >= c.early_stop)
         self._save_epoch(record, epoch, improved, self._rank_rngs())
-        if epoch == 0 and self.health is not None and not c.precise_bn and self.data.has_val:
+        if (epoch == 0 and self.health is not None and not c.precise_bn and self.data.has_val
+                and len(self.data.train) >= BN_PROBE_MIN_STEPS):
             self._probe_bn_stats(acc, epoch)
         log.info("epoch %d/%d  loss %.4f  acc %.2f%%  %s_loss %.4f  %s_acc %.2f%%%s  lr %.4g  "
                  "%.1fs  %s img/s", epoch + 1, c.epochs, train_loss, 100 * train_acc, split,
