@@ -238,6 +238,30 @@ def test_folder_cache_invalidated_by_change(tmp_path: Path) -> None:
     assert not ds.from_cache and len(ds.y_train) == 13
 
 
+def test_a_zip_copied_again_finds_its_cache_and_a_changed_one_does_not(tmp_path: Path) -> None:
+    """A session copies the data afresh (a new mtime, maybe a new path): the cache follows the
+    archive's content. A load at the images' own size (a report, at the run's) reuses the entry
+    decoded without a size."""
+    src = tmp_path / "a.zip"
+    T.write_image_folder(src, as_zip=True, size=(10, 10))
+    data = tmp_path / "d"
+    first = load_dataset(f"folder:{src}", data_dir=data)
+    copy = tmp_path / "elsewhere" / "a.zip"
+    copy.parent.mkdir()
+    copy.write_bytes(src.read_bytes())
+    os.utime(copy, ns=(10**9, 10**9))
+    again = load_dataset(f"folder:{copy}", data_dir=data)
+    assert again.from_cache and torch.equal(again.x_train, first.x_train)
+    entries = sorted((data / "cache").iterdir())
+    sized = load_dataset(f"folder:{copy}", data_dir=data, image_size=10)
+    assert sized.from_cache and sorted((data / "cache").iterdir()) == entries
+    assert torch.equal(sized.x_train, first.x_train)
+    assert not load_dataset(f"folder:{copy}", data_dir=data, image_size=8).from_cache
+    T.write_image_folder(copy, as_zip=True, size=(10, 10), seed=1)  # other pixels
+    changed = load_dataset(f"folder:{copy}", data_dir=data)
+    assert not changed.from_cache and not torch.equal(changed.x_train, first.x_train)
+
+
 def test_folder_grayscale_bmp_and_val_names(tmp_path: Path) -> None:
     src = tmp_path / "g"
     arrays = T.write_image_folder(src, fmt="BMP", mode="L")

@@ -11,7 +11,8 @@ from torch import nn
 from vggkit.config import TrainConfig
 from vggkit.errors import UsageError
 from vggkit.training.checkpoint import load_checkpoint
-from vggkit.training.precise_bn import image_positions, recompute_bn_stats
+from vggkit.data.store import sample_positions
+from vggkit.training.precise_bn import recompute_bn_stats
 from vggkit.workflow import train
 
 TINY = dict(model="vgg_compact", dataset="digits", image_size=16, batch_size=64, lr=0.05,
@@ -56,11 +57,11 @@ def test_a_network_left_with_stale_statistics_is_evaluated_on_fresh_ones():
 
 def test_the_images_are_drawn_across_the_training_set():
     """A folder's images come sorted by class: the first N would be one class."""
-    pos = image_positions(1000, 100, seed=0)
+    pos = sample_positions(1000, 100, seed=0)
     assert len(pos) == 100 == len(set(pos.tolist())) and list(pos) == sorted(pos)
     assert pos.max() > 900 and pos.min() < 100
-    assert (image_positions(1000, 100, seed=0) == pos).all()
-    assert len(image_positions(50, 100, seed=0)) == 50  # all of them when there are fewer
+    assert (sample_positions(1000, 100, seed=0) == pos).all()
+    assert len(sample_positions(50, 100, seed=0)) == 50  # all of them when there are fewer
 
 
 def test_a_run_with_precise_bn_trains_the_same_weights_and_is_evaluated_on_new_statistics(
@@ -76,6 +77,25 @@ def test_a_run_with_precise_bn_trains_the_same_weights_and_is_evaluated_on_new_s
             assert torch.equal(a[key], b[key]), key  # the same path: no random number drawn
     assert not all(torch.equal(a[k], b[k]) for k in stats)
     assert precise["test_acc"] > 0.5 and plain["test_acc"] > 0.5  # 10 classes: chance 10%
+
+
+def test_the_final_test_reuses_the_last_epochs_statistics_and_a_resume_computes_them(
+        tmp_path, monkeypatch):
+    """One pass over the N images per evaluation: the final test follows the last epoch's
+    evaluation with the same weights, so it does not pass again; a resumed finished run, whose
+    process computed nothing yet, does."""
+    from vggkit.training import trainer as trainer_module
+    passes = []
+    real = trainer_module.recompute_bn_stats
+    monkeypatch.setattr(trainer_module, "recompute_bn_stats",
+                        lambda *a, **k: passes.append(1) or real(*a, **k))
+    out = tmp_path / "run"
+    config = dict(TINY, health=False)
+    train(TrainConfig(**config, out=str(out), precise_bn=256), progress=False)
+    assert len(passes) == config["epochs"]  # one per epoch's evaluation, none for the test
+    passes.clear()
+    again = train(TrainConfig(resume=str(out)), progress=False)
+    assert len(passes) == 1 and again["test_acc"] > 0.5
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True])

@@ -109,7 +109,13 @@ class MappedImages:
 
     def sample_positions(self, count: int, seed: int = 0) -> np.ndarray:
         """Up to ``count`` of this split's positions, a seeded choice, in file order."""
-        return np.sort(np.random.default_rng(seed).permutation(len(self.rows))[:count])
+        return sample_positions(len(self.rows), count, seed)
+
+
+def sample_positions(n: int, count: int, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` of the positions 0..n-1 (all when fewer), drawn once with ``seed``, in
+    file order. A folder's images come sorted by class, so the first N would not do."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:count])
 
 
 def region_stats(images: MappedImages, positions: np.ndarray, chunk: int = 32

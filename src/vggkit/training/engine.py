@@ -34,29 +34,11 @@ import torch
 from torch import nn
 
 from vggkit.errors import UsageError
+from vggkit.training.cpu import cpu_flags, cpu_info
 from vggkit.training.fused_bn import library as fused_bn_library
 from vggkit.training.fused_bn import use_fused_bn_relu
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def cpu_info(field: str) -> str:
-    """One field of /proc/cpuinfo's first processor ("flags", "model name", "cpu family"), or ""."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == field:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    return frozenset(cpu_info("flags").split())
 
 
 def cpu_name() -> str:

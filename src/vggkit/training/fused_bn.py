@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggkit.data.paths import user_cache_dir
+from vggkit.training.cpu import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,7 @@ def library() -> ctypes.CDLL | None:
 def _machine() -> bytes:
     """What -march=native depends on: the CPU's model and flags (one build per CPU kind, as
     a cache folder may be shared between machines)."""
-    try:
-        lines = set(Path("/proc/cpuinfo").read_text().splitlines())
-    except OSError:
-        lines = set()
-    kept = sorted(line for line in lines if line.startswith(("model name", "flags")))
-    return (os.uname().machine + "".join(kept)).encode()
+    return (os.uname().machine + cpu_info("model name") + cpu_info("flags")).encode()
 
 
 def _ptr(t: torch.Tensor) -> int:

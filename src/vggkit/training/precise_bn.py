@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,12 +31,6 @@ def batchnorms(model: nn.Module, keep: tuple[str, ...] = ()) -> list[nn.modules.
     return [m for name, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             and not any(name == k or name.startswith(k + ".") for k in keep)]
-
-
-def image_positions(n_train: int, count: int, seed: int) -> np.ndarray:
-    """The training images used: ``count`` of them (all when fewer), drawn once with ``seed``,
-    in file order. A folder's images come sorted by class, so the first N would not do."""
-    return np.sort(np.random.default_rng(seed).permutation(n_train)[:count])
 
 
 @torch.no_grad()

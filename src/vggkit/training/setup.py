@@ -29,7 +29,6 @@ from vggkit.models.weights import remap_stagewise, without_last_layer
 from vggkit.training import distributed as D
 from vggkit.training.checkpoint import check_loadable, find_checkpoint, load_checkpoint
 from vggkit.training.engine import Engine
-from vggkit.training.precise_bn import image_positions
 
 log = logging.getLogger("vggkit.train")
 
@@ -80,7 +79,7 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     while the others wait without the collectives' timeout; then every rank loads the
     prepared copy from the node's cache at the image size the model needs."""
     from vggkit.data import Augment, Loader, load_dataset
-    from vggkit.data.store import MappedImages
+    from vggkit.data.store import sample_positions
     from vggkit.data.crops import native_side, photo_crops
     from vggkit.data.sources.folder import MAX_COMMON_SIDE
 
@@ -145,9 +144,8 @@ def load_data(config: TrainConfig, engine: Engine, dist: D.DistInfo, progress: b
     def bn_loader(count: int) -> Loader:
         """--precise-bn's images (and the health probe's): ``count`` fixed training images,
         sharded, as evaluation sees them."""
-        pos = image_positions(len(dataset.y_train), count, config.seed)
-        index = pos if isinstance(dataset.x_train, MappedImages) else torch.from_numpy(pos)
-        return Loader(dataset.x_train[index], dataset.y_train[torch.from_numpy(pos)],
+        pos = sample_positions(len(dataset.y_train), count, config.seed)  # numpy: either store
+        return Loader(dataset.x_train[pos], dataset.y_train[pos],
                       config.batch_size, shuffle=False, rank=dist.rank,
                       world_size=dist.world_size, photo=eval_crop, **common)
 

@@ -185,6 +185,7 @@ class Trainer:
         self.schedule = Schedule.from_config(config, self.lr, steps)
         self.lookahead = Lookahead.from_config(self.model, config, steps * config.epochs)
         self.state = LoopState()
+        self.bn_stats_current = False  # --precise-bn's statistics match the weights
         self.budget_plan = checkpoint.meta.get("time_budget") if checkpoint else None
         self.run_resumed = checkpoint is not None
         if checkpoint is not None:
@@ -357,6 +358,7 @@ class Trainer:
         """Every batch of ``epoch`` (from the saved batch when resuming mid-epoch)."""
         c, steps = self.config, len(self.data.train)
         self.net.train()
+        self.bn_stats_current = False
         frozen = self.freeze.apply(epoch)  # a function of the epoch: resume-exact
         settle_fused_state(self.optimizer)
         if self.arch.whiten_kernel and c.whiten_bias_epochs is not None and not frozen:
@@ -469,11 +471,13 @@ class Trainer:
         return record
 
     def precise_bn(self, model: nn.Module) -> None:
-        """--precise-bn: the BatchNorm statistics evaluation will use, computed again."""
-        if self.data.bn_stats is not None:
+        """--precise-bn: the BatchNorm statistics evaluation will use, computed again, unless
+        this process already did for these weights (the last epoch's evaluation)."""
+        if self.data.bn_stats is not None and not self.bn_stats_current:
             batches = (images for images, _ in self.data.bn_stats.epoch(0))
             recompute_bn_stats(model, batches, self.engine.autocast(), self.dist,
                                self._kept_norms())
+            self.bn_stats_current = True  # until the next step moves the weights
 
     def _kept_norms(self) -> tuple[str, ...]:
         """Frozen features keep their BatchNorm statistics (--freeze-features)."""
@@ -531,7 +535,7 @@ class Trainer:
         c = self.config
         tick = time.perf_counter()
         tested = self.ema.module if self.ema else self.model
-        self.precise_bn(tested)  # as the last epoch's, unless the run ended mid-epoch
+        self.precise_bn(tested)  # done already if the last epoch ran in this process
         logits, labels = collect_logits(tested, self.data.test, self.engine, tta=c.tta,
                                         translate=c.tta_translate)
         test_seconds = time.perf_counter() - tick

@@ -165,9 +165,27 @@ def _read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return b"".join(chunks)
 
 
+# A zip64 end record and its locator, which may sit between the central directory and the end record.
+_ZIP64_END_BYTES = 76
+
+
 def _zip_identity(path: Path) -> str:
-    st = path.stat()
-    return f"zip:{path}:{st.st_size}:{st.st_mtime_ns}"
+    """The archive's size and a digest of its central directory, which lists every member's
+    name, size and CRC-32: the same archive copied again or elsewhere (a new mtime, a new path)
+    finds its cache, and a changed member does not. It reads the directory only (~80 bytes a
+    member), not the images."""
+    try:
+        with open(path, "rb") as f:
+            end = zipfile._EndRecData(f)  # the stdlib's own reader of the end record (zip64 too)
+            if end is None:
+                raise zipfile.BadZipFile("no end-of-archive record")
+            start = max(0, end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - _ZIP64_END_BYTES)
+            f.seek(start)
+            digest = hashlib.sha256(f.read()).hexdigest()
+            size = f.tell()
+    except ARCHIVE_ERRORS as exc:
+        raise DataError(f"{path}: not a readable zip archive ({exc})") from None
+    return f"zip:{size}:{digest}"
 
 
 def _scan_zip(path: Path) -> _Source:
@@ -415,6 +433,17 @@ def _cache_load(folder: Path) -> dict | None:
     return meta
 
 
+def _cache_entry(entry: Path, path: Path) -> dict | None:
+    """A cache entry's meta with its arrays, or None (absent; a damaged one is removed)."""
+    if not (entry / "meta.json").is_file():
+        return None
+    meta = _cache_load(entry)
+    if meta is None:
+        log.warning("the decoded-image cache %s is damaged; decoding %s again", entry, path)
+        shutil.rmtree(entry, ignore_errors=True)
+    return meta
+
+
 def _cache_store(cache_dirs: list[Path], name: str, meta: dict, arrays: dict[str, np.ndarray]) -> Path | None:
     """Write the entry atomically in the first writable cache folder; None if none is writable."""
     for base in cache_dirs:
@@ -463,17 +492,19 @@ def load_folder(
         src, identity = None, _zip_identity(path)
     else:
         raise DataError(f"{path}: neither a folder nor a .zip archive")
-    name = f"folder-{(path.stem or 'data')[:40]}-{_cache_key(identity, image_size)}"
+    stem = f"folder-{(path.stem or 'data')[:40]}-"
+    name = stem + _cache_key(identity, image_size)
+    # Images decoded at their own size that are already image_size square are the same
+    # arrays (no resize is done): a report at the run's size reuses training's entry.
+    names = [name] + ([stem + _cache_key(identity, None)] if image_size else [])
     for base in cache_dirs:
-        entry = base / name
-        if not (entry / "meta.json").is_file():
-            continue
-        meta = _cache_load(entry)
-        if meta is not None:
-            log.info("loaded %s from the decoded-image cache %s", path, entry)
+        for entry_name in names:
+            meta = _cache_entry(base / entry_name, path)
+            if meta is None or (entry_name != name and
+                                meta["loaded"]["x_train"].shape[2:] != (image_size, image_size)):
+                continue
+            log.info("loaded %s from the decoded-image cache %s", path, base / entry_name)
             return _from_arrays(path, meta["classes"], meta["loaded"], meta["skipped"], skip_bad_images, True)
-        log.warning("the decoded-image cache %s is damaged; decoding %s again", entry, path)
-        shutil.rmtree(entry, ignore_errors=True)
     if src is None:
         src = _scan_zip(path)
     try:
