@@ -433,6 +433,14 @@ def _cache_load(folder: Path) -> dict | None:
     return meta
 
 
+def _cached_side(entry: Path) -> tuple[int, ...] | None:
+    """(H, W) of an entry's training images, from the .npy header alone; None if unreadable."""
+    try:
+        return np.load(entry / "x_train.npy", mmap_mode="r").shape[2:]
+    except (OSError, ValueError):
+        return None
+
+
 def _cache_entry(entry: Path, path: Path) -> dict | None:
     """A cache entry's meta with its arrays, or None (absent; a damaged one is removed)."""
     if not (entry / "meta.json").is_file():
@@ -499,9 +507,10 @@ def load_folder(
     names = [name] + ([stem + _cache_key(identity, None)] if image_size else [])
     for base in cache_dirs:
         for entry_name in names:
+            if entry_name != name and _cached_side(base / entry_name) != (image_size, image_size):
+                continue  # read from the array's header: a mismatch loads nothing
             meta = _cache_entry(base / entry_name, path)
-            if meta is None or (entry_name != name and
-                                meta["loaded"]["x_train"].shape[2:] != (image_size, image_size)):
+            if meta is None:
                 continue
             log.info("loaded %s from the decoded-image cache %s", path, base / entry_name)
             return _from_arrays(path, meta["classes"], meta["loaded"], meta["skipped"], skip_bad_images, True)
