@@ -41,9 +41,12 @@ NETS = {
     "vgg16_bn": ("vgg16_bn", "linear"),
     "vgg19_bn": ("vgg19_bn", "linear"),
     "vgg_compact": ("vgg_compact", "compact"),
+    "vgg_airbench": ("vgg_airbench", "airbench"),  # fast-cifar10's net (its stem random here)
     "vgg16_bn+4096": ("vgg16_bn", "classic"),
     "vgg16": ("vgg16", "classic"),  # no BatchNorm: the photos goal's second network
 }
+
+SMALL = ("vgg_compact", "vgg_airbench")  # steps of a few ms: each window times more of them
 
 
 def conv_peak(dtype: torch.dtype, batch: int = 256) -> float:
@@ -128,8 +131,8 @@ def run(args) -> None:
     rows = []
     engine_desc = None
     for name in names:
-        steps = 1 if ("vgg" in name and "compact" not in name and args.quick) else 2
-        if "compact" in name:
+        steps = 1 if (name not in SMALL and args.quick) else 2
+        if name in SMALL:
             steps *= 4
         base = plain_fp32_loop(name, args.batch, args.image_size, args.freeze_features)
         fast, engine = vggkit_loop(name, args.batch, args)
@@ -212,7 +215,7 @@ def fused_compare(args) -> None:
     names, windows, rows = args.nets or ["vgg16_bn", "vgg_compact"], args.windows or 5, []
     peak = conv_peak(torch.bfloat16)
     for name in names:
-        size, steps = args.image_size, 4 if "compact" in name else 1
+        size, steps = args.image_size, 4 if name in SMALL else 1
         loops = {"fused": vggkit_loop(name, args.batch, args)[0],
                  "stock": vggkit_loop(name, args.batch, args, fuse_bn=False)[0],
                  "plain": plain_bf16_loop(name, args.batch, size, args.freeze_features)}
@@ -294,8 +297,20 @@ def profile(args) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
+# The distinct 3x3 convolutions (C_in, C_out, side) of each network at 32x32 input. vgg_airbench's
+# stem is a frozen 2x2 convolution, so its first 3x3 layer sees 31x31; each group's first
+# convolution runs before its pool.
+LAYER_SHAPES = {
+    "vgg16": [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8),
+              (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2)],
+    "compact": [(3, 32, 32), (32, 32, 32), (32, 64, 16), (64, 64, 16), (64, 128, 8),
+                (128, 128, 8)],
+    "airbench": [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)],
+}
+
+
 def layers(args) -> None:
-    """TFLOP/s of each distinct VGG-16 3x3 convolution (bf16, channels_last, batch --batch):
+    """TFLOP/s of each distinct 3x3 convolution of --layer-shapes (bf16, channels_last, batch --batch):
     forward, backward-data, backward-weights (oneDNN) and the matmul weight gradient that
     FastConv2d uses on small maps; variants alternate, median of the windows."""
     import torch.nn.functional as F
@@ -304,8 +319,7 @@ def layers(args) -> None:
 
     keep_freed_memory()  # as the engine does: no page faults on each large output
     B = args.batch
-    shapes = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8),
-              (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2)]
+    shapes = LAYER_SHAPES[args.layer_shapes]
     conv_bwd = torch.ops.aten.convolution_backward
     rows = []
     for ci, co, hw in shapes:
@@ -329,7 +343,8 @@ def layers(args) -> None:
     table = C.markdown_table(header, rows)
     print(table)
     if args.record:
-        C.record("conv_layers", f"Command: `{C.command_line()}`\n\nMachine: {C.machine_line()}\n\n{table}\n")
+        section = "conv_layers" + ("" if args.layer_shapes == "vgg16" else f"_{args.layer_shapes}")
+        C.record(section, f"Command: `{C.command_line()}`\n\nMachine: {C.machine_line()}\n\n{table}\n")
 
 
 def load_mnist(root: Path, split: str, limit: int):
@@ -416,7 +431,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", metavar="NET", choices=list(NETS))
     ap.add_argument("--layers", action="store_true",
-                    help="per-layer TFLOP/s of VGG-16's convolutions: forward, backward-data, -weights")
+                    help="per-layer TFLOP/s of a network's convolutions: forward, backward-data, -weights")
+    ap.add_argument("--layer-shapes", choices=list(LAYER_SHAPES), default="vgg16",
+                    help="with --layers: whose convolutions")
     ap.add_argument("--accuracy", action="store_true",
                     help="train fp32 and bf16 on an MNIST subset and compare test accuracy")
     ap.add_argument("--mnist", default="../shared/data/mnist")

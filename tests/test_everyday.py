@@ -71,7 +71,8 @@ def test_durations_parse_and_bad_ones_name_the_flag():
     assert main(["train", "--time-budget", "5400", "--out", "/nonexistent/x"]) == 2
 
 
-def test_the_budget_sizes_the_run_and_its_schedule(tmp_path, monkeypatch, capsys):
+def test_the_budget_sizes_the_run_and_its_schedule(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="vggkit")
     tick = 0.4  # every timed step, evaluation batch or checkpoint write
     monkeypatch.setattr(B, "clock", FakeClock(tick))
     config = tiny(tmp_path, time_budget="5m", schedule="onecycle", report=True)
@@ -84,37 +85,62 @@ def test_the_budget_sizes_the_run_and_its_schedule(tmp_path, monkeypatch, capsys
     assert plan["epoch_seconds"] == pytest.approx(epoch)
     assert plan["final_seconds"] == pytest.approx(summary["dataset"]["test"] * tick / n_val
                                                   + B.REPORT_SECONDS)
-    expected = math.floor((B.SAFETY * 300 - plan["setup_seconds"] - plan["final_seconds"])
-                          / plan["epoch_seconds"])
-    assert plan["epochs"] == expected == summary["epochs_completed"] > 5
-    assert plan["planned_seconds"] <= 300
+    # whole epochs, then the steps of one more that fit beside its validation and checkpoints
+    room = B.SAFETY * 300 - plan["setup_seconds"] - plan["final_seconds"]
+    whole = math.floor(room / epoch)
+    steps, fixed = plan["epoch_steps"], tick + 1.5 * tick
+    cut = math.floor((room - whole * epoch - fixed) / ((epoch - fixed) / steps))
+    assert 1 <= cut < steps  # this budget leaves room for part of an epoch
+    assert (plan["epochs"], plan["last_epoch_steps"]) == (whole + 1, cut)
+    assert summary["epochs_completed"] == whole + 1 > 5
+    assert plan["planned_seconds"] == pytest.approx(
+        plan["setup_seconds"] + whole * epoch + fixed + cut * (epoch - fixed) / steps
+        + plan["final_seconds"]) and plan["planned_seconds"] <= B.SAFETY * 300
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert (written["epochs"], written["time_budget"]) == (expected, "5m")
+    assert (written["epochs"], written["time_budget"]) == (whole + 1, "5m")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert rows[-1]["lr"] < 0.02 * config.lr  # the one-cycle ran to its end
+    assert [r["train_samples"] for r in rows] == [n_train] * whole + [cut * 32]
+    assert rows[-1]["lr"] < 0.02 * config.lr  # the one-cycle ran to its end, in the cut epoch
+    assert f"{whole} epochs and {cut} of the {steps} steps of one more" in caplog.text
     assert "time budget" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_resumed_budget_run_keeps_its_plan_and_is_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "clock", FakeClock(0.5))
-    straight = train(tiny(tmp_path, "straight", time_budget="2m"), progress=False)
+    straight = train(tiny(tmp_path, "straight", time_budget="130s"), progress=False)
     epochs = straight["time_budget"]["epochs"]
     assert 2 <= epochs < 12
-    interrupted_run(monkeypatch, tiny(tmp_path, "split", time_budget="2m"),
+    interrupted_run(monkeypatch, tiny(tmp_path, "split", time_budget="130s"),
                     B.WARMUP_STEPS + B.TIMED_STEPS + 7)  # the timing steps, then 7
     monkeypatch.setattr(B, "make_plan", lambda *a: pytest.fail("a resume planned again"))
     resumed = train(TrainConfig(resume=str(tmp_path / "split")), progress=False)
     assert resumed["epochs_completed"] == epochs
     assert resumed["weights_digest"] == straight["weights_digest"]
     assert resumed["time_budget"]["epochs"] == epochs and resumed["time_budget"]["resumed"]
-    with pytest.raises(UsageError, match="--time-budget 5m: the run was planned once for 2m"):
+    # the last epoch was cut short, and the resume built its schedule for the same steps
+    assert resumed["time_budget"]["last_epoch_steps"] == straight["time_budget"]["last_epoch_steps"] > 0
+    with pytest.raises(UsageError, match="--time-budget 5m: the run was planned once for 130s"):
         train(TrainConfig(resume=str(tmp_path / "split"), time_budget="5m"), progress=False)
 
 
 def test_a_budget_too_small_for_one_epoch_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "clock", FakeClock(5.0))
-    with pytest.raises(UsageError, match=r"--time-budget 30s: one epoch takes"):
+    with pytest.raises(UsageError, match=r"--time-budget 30s: one epoch takes .* not one step"):
         train(tiny(tmp_path, time_budget="30s"), progress=False)
+
+
+def test_the_plan_cuts_the_last_epoch_to_the_steps_that_fit():
+    # an epoch of 30 s: 20 steps of 1 s, then 10 s of validation and checkpoints
+    def plan(room: float) -> tuple[int, int]:
+        return B.plan_epochs(room / B.SAFETY, setup=0.0, final=0.0, epoch=30.0, fixed=10.0,
+                             steps=20)
+
+    assert plan(100) == (3, 0)  # the 10 s left are the fourth epoch's evaluation alone
+    assert plan(105.5) == (4, 5)  # 5.5 s beside it: 5 steps of a fourth epoch
+    assert plan(119.5) == (4, 19)
+    assert plan(120.5) == (4, 0)  # four whole epochs
+    assert plan(25) == (1, 15)  # less than an epoch: part of the first
+    assert plan(9) == (0, 0)  # not one step: make_plan refuses it
 
 
 # ----------------------------------------------------------------------------- unbalanced

@@ -324,8 +324,10 @@ def results_table(run: RunData) -> Table:
         ["augmentation", augmentation(cfg)],
     ]
     if s.get("time_budget"):
+        from vggkit.training.budget import epochs_text
+
         b = s["time_budget"]
-        rows.append(["time budget", f"{duration(b['budget_seconds'])}: {b['epochs']} epochs planned "
+        rows.append(["time budget", f"{duration(b['budget_seconds'])}: {epochs_text(b)} planned "
                      f"at ~{b['images_per_second']:,.0f} img/s to end in "
                      f"~{duration(b['planned_seconds'])}; the run took "
                      f"{duration(b['seconds_before_report'])} before this report"

@@ -5,8 +5,10 @@ Here the run is *sized* to the budget instead: before the first epoch a few trai
 and evaluation batches are timed on this machine (on the real model, whose weights,
 optimizer and RNG states are put back afterwards), and the number of epochs is chosen so
 that setup, every epoch (training, validation, checkpoints), the final test (with its TTA
-views) and the report fit. The schedules that depend on the total (onecycle, cosine,
-triangle, lookahead) are then built for that many epochs, so they finish.
+views) and the report fit: whole epochs, then as many steps of one more as fit with its
+evaluation (the last epoch is cut short rather than left out). The schedules that depend on
+the total (onecycle, cosine, triangle, lookahead) are then built for exactly those steps, so
+they finish.
 
 The plan is made once, written into config.yaml (``epochs``) and every checkpoint, and a
 resume never plans again: the run stays exact (a run killed before its first checkpoint has
@@ -46,10 +48,13 @@ class BudgetPlan:
     setup_seconds: float  # spent before the first epoch, this measurement included
     final_seconds: float  # the final test (with TTA) and the report
     planned_seconds: float
+    epoch_steps: int = 0  # batches of a whole epoch
+    last_epoch_steps: int = 0  # batches of the last epoch when it is cut short; 0: it is whole
 
     def line(self) -> str:
-        return (f"budget {format_minutes(self.budget_seconds)}: {self.epochs} epochs of "
-                f"{self.train_images:,} at ~{self.images_per_second:,.0f} img/s (an epoch "
+        return (f"budget {format_minutes(self.budget_seconds)}: {epochs_text(asdict(self))} "
+                f"({self.train_images:,} images an epoch) at ~{self.images_per_second:,.0f} "
+                f"img/s (an epoch "
                 f"~{format_minutes(self.epoch_seconds)} with validation and checkpoints; setup "
                 f"{format_minutes(self.setup_seconds)}, final test, TTA and report "
                 f"~{format_minutes(self.final_seconds)}): ends in "
@@ -57,6 +62,16 @@ class BudgetPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def epochs_text(plan: dict[str, Any]) -> str:
+    """A plan's epochs in words: "5 epochs", or "5 epochs and 40 of the 96 steps of one more"."""
+    last = last_epoch_steps(plan)
+    if not last:
+        return f"{plan['epochs']} epochs"
+    whole = plan["epochs"] - 1
+    return (f"{whole} epoch{'s' if whole != 1 else ''} and {last} of the {plan['epoch_steps']} "
+            "steps of one more")
 
 
 def format_minutes(seconds: float) -> str:
@@ -136,8 +151,23 @@ def tta_views(tta: bool, translate: int) -> int:
     return 1 if not tta else 6 if translate else 2
 
 
-def plan_epochs(budget: float, *, setup: float, epoch: float, final: float) -> int:
-    return math.floor((SAFETY * budget - setup - final) / epoch)
+def last_epoch_steps(plan: dict[str, Any] | None) -> int:
+    """The batches of a plan's last epoch when it is cut short; 0 when it is whole (or there
+    is no plan, or it was made before plans could cut)."""
+    return int((plan or {}).get("last_epoch_steps") or 0)
+
+
+def plan_epochs(budget: float, *, setup: float, epoch: float, final: float, fixed: float,
+                steps: int) -> tuple[int, int]:
+    """(epochs, last_epoch_steps): the whole epochs of ``epoch`` seconds that fit, then, if at
+    least one step does, one more epoch cut to the steps that fit beside its ``fixed`` seconds
+    (its validation and checkpoints); last_epoch_steps is 0 when there is none."""
+    room = SAFETY * budget - setup - final
+    whole = max(0, math.floor(room / epoch))
+    step = (epoch - fixed) / steps
+    cut = math.floor((room - whole * epoch - fixed) / step) if step > 0 else 0
+    cut = min(cut, steps - 1)
+    return (whole + 1, cut) if cut >= 1 else (whole, 0)
 
 
 def make_plan(trainer, budget: float, setup_started: float, budget_text: str) -> BudgetPlan:
@@ -154,17 +184,20 @@ def make_plan(trainer, budget: float, setup_started: float, budget_text: str) ->
                          "instead") from None
     per_eval = time_evaluation(trainer.net, data.per_epoch, trainer.engine)
     save = time_checkpoint(trainer) * 1.5  # every epoch writes last, and often best
-    train_images = data.train.num_samples() * world
-    epoch = (data.train.num_samples() * per_image + data.per_epoch.num_samples() * per_eval
-             + save)
+    train_images, steps = data.train.num_samples() * world, len(data.train)
+    fixed = data.per_epoch.num_samples() * per_eval + save  # an epoch's, however many steps
+    epoch = data.train.num_samples() * per_image + fixed
     final = (len(data.dataset.x_test) * tta_views(c.tta, c.tta_translate) * per_eval
              + (REPORT_SECONDS if c.report else 0.0))
     setup = clock() - setup_started
-    epochs = plan_epochs(budget, setup=setup, epoch=epoch, final=final)
+    epochs, last = plan_epochs(budget, setup=setup, epoch=epoch, final=final, fixed=fixed,
+                               steps=steps)
     if epochs < 1:
         raise UsageError(
             f"--time-budget {budget_text}: one epoch takes ~{format_minutes(epoch)} here "
-            f"(setup {format_minutes(setup)}, final test ~{format_minutes(final)}); raise the "
-            "budget, or train on fewer images (--subset) or a smaller --image-size")
+            f"(setup {format_minutes(setup)}, final test ~{format_minutes(final)}), and not "
+            "one step of it fits; raise the budget, or train on fewer images (--subset) or a "
+            "smaller --image-size")
+    trained = (epochs - 1) * epoch + (fixed + (epoch - fixed) * last / steps if last else epoch)
     return BudgetPlan(budget, epochs, train_images, world / per_image, 1.0 / per_eval, epoch,
-                      setup, final, setup + epochs * epoch + final)
+                      setup, final, setup + trained + final, steps, last)

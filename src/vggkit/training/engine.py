@@ -36,6 +36,7 @@ from torch import nn
 from vggkit.errors import UsageError
 from vggkit.training.cpu import cpu_flags, cpu_info
 from vggkit.training.fused_bn import library as fused_bn_library
+from vggkit.training.fast_dropout import use_fast_dropout
 from vggkit.training.fused_bn import use_fused_bn_relu
 
 log = logging.getLogger(__name__)
@@ -314,13 +315,14 @@ class Engine:
                 and self.channels_last and fused_bn_library() is not None)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move the model to the device and layout; on CPU bf16, swap in FastConv2d and the
-        fused BatchNorm + ReLU."""
+        """Move the model to the device and layout; on CPU bf16, swap in FastConv2d, the
+        fused BatchNorm + ReLU and the C dropout."""
         model = model.to(self.device, memory_format=self.memory_format)
         if self.fast_convs:
             use_fast_convs(model)
-        if self.fused_bn:
+        if self.fused_bn:  # the same C kernels: BatchNorm + ReLU, and dropout
             use_fused_bn_relu(model)
+            use_fast_dropout(model)
         return model
 
     def maybe_compile(self, model: nn.Module) -> nn.Module:

@@ -83,6 +83,8 @@ def library() -> ctypes.CDLL | None:
         for kind, args in _SIGNATURES.items():
             fn = getattr(lib, f"bn_relu_{kind}_{suffix}")
             fn.argtypes, fn.restype = args, None
+        fn = getattr(lib, f"dropout_{suffix}")  # training/fast_dropout.py
+        fn.argtypes, fn.restype = [_P, _P, _I, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float], None
     return lib
 
 

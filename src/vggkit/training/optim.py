@@ -118,11 +118,12 @@ class Schedule:
     decay: float = 0.0
     plateau_patience: int = 3
     triangle: tuple[float, float, float] = (0.2, 0.23, 0.07)
+    cut_steps: int = 0  # steps left out of the last epoch (a --time-budget plan cut it short)
     state: dict[str, Any] = field(default_factory=lambda: {"factor": 1.0, "best": None, "bad": 0})
 
     @property
     def total_steps(self) -> int:
-        return max(1, self.steps_per_epoch * self.epochs)
+        return max(1, self.steps_per_epoch * self.epochs - self.cut_steps)
 
     def lr_at(self, it: int) -> float:
         warm = self.warmup_epochs * self.steps_per_epoch
@@ -174,7 +175,8 @@ class Schedule:
         return False
 
     @staticmethod
-    def from_config(config: TrainConfig, lr: float, steps_per_epoch: int) -> Schedule:
+    def from_config(config: TrainConfig, lr: float, steps_per_epoch: int,
+                    cut_steps: int = 0) -> Schedule:
         return Schedule(
             kind=config.schedule,
             base_lr=lr,
@@ -186,6 +188,7 @@ class Schedule:
             decay=config.decay,
             plateau_patience=config.plateau_patience,
             triangle=tuple(config.triangle),
+            cut_steps=cut_steps,
         )
 
 

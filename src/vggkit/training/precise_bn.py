@@ -33,6 +33,22 @@ def batchnorms(model: nn.Module, keep: tuple[str, ...] = ()) -> list[nn.modules.
             and not any(name == k or name.startswith(k + ".") for k in keep)]
 
 
+@contextlib.contextmanager
+def statistics_put_back(model: nn.Module, keep: tuple[str, ...] = ()):
+    """Within the block, the BatchNorms' running statistics (but those under ``keep``) may be
+    changed: on leaving it, each gets back its mean, variance and batch count as they were."""
+    norms = batchnorms(model, keep)
+    saved = [[t.clone() for t in (b.running_mean, b.running_var, b.num_batches_tracked)]
+             for b in norms]
+    try:
+        yield norms
+    finally:
+        with torch.no_grad():
+            for b, values in zip(norms, saved):
+                for t, value in zip((b.running_mean, b.running_var, b.num_batches_tracked), values):
+                    t.copy_(value)
+
+
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor],
                        autocast: contextlib.AbstractContextManager | None = None,

@@ -17,6 +17,7 @@ The report is not this layer's business: the caller writes it (``vggkit.workflow
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -52,7 +53,7 @@ from vggkit.training.optim import (
     set_lr,
     settle_fused_state,
 )
-from vggkit.training.precise_bn import batchnorms, recompute_bn_stats
+from vggkit.training.precise_bn import batchnorms, recompute_bn_stats, statistics_put_back
 from vggkit.training.progress import Progress
 from vggkit.training.resume import check_world_size, resolve_resume
 from vggkit.training.scoring import collect_logits, score
@@ -181,12 +182,10 @@ class Trainer:
         self.params = count_parameters(self.model)  # --freeze-features: they are non-trainable
         self.class_counts = balance.class_counts(self.data.dataset.y_train, self.data.num_classes)
         self._warn_imbalance()
-        steps = len(self.data.train)
-        self.schedule = Schedule.from_config(config, self.lr, steps)
-        self.lookahead = Lookahead.from_config(self.model, config, steps * config.epochs)
+        self.budget_plan = checkpoint.meta.get("time_budget") if checkpoint else None
+        self._build_schedules()
         self.state = LoopState()
         self.bn_stats_current = False  # --precise-bn's statistics match the weights
-        self.budget_plan = checkpoint.meta.get("time_budget") if checkpoint else None
         self.run_resumed = checkpoint is not None
         if checkpoint is not None:
             self.restore(checkpoint)
@@ -222,13 +221,26 @@ class Trainer:
         plan = budget.make_plan(self, parse_duration(c.time_budget), started, c.time_budget)
         self.budget_plan = D.broadcast_object(plan.to_dict() if self.main else None, self.dist)
         self.config = c.replace(epochs=self.budget_plan["epochs"])
-        steps = len(self.data.train)
-        self.schedule = Schedule.from_config(self.config, self.lr, steps)
-        self.lookahead = Lookahead.from_config(self.model, self.config, steps * self.config.epochs)
+        self._build_schedules()
         self.meta = self._checkpoint_meta()
         if self.main:
             self.run.write_config(self.config.to_yaml())
             log.info("%s", budget.BudgetPlan(**self.budget_plan).line())
+
+    def _build_schedules(self) -> None:
+        """The rate schedule and lookahead, built for every step the run will take (a
+        --time-budget plan may cut the last epoch short)."""
+        steps = len(self.data.train)
+        cut = steps - self.epoch_steps(self.config.epochs - 1)
+        self.schedule = Schedule.from_config(self.config, self.lr, steps, cut)
+        self.lookahead = Lookahead.from_config(self.model, self.config,
+                                               steps * self.config.epochs - cut)
+
+    def epoch_steps(self, epoch: int) -> int:
+        """The batches ``epoch`` trains: all of them, but in the last epoch of a
+        --time-budget plan that cut it short."""
+        last = budget.last_epoch_steps(self.budget_plan)
+        return last if last and epoch == self.config.epochs - 1 else len(self.data.train)
 
     def _open_run_folder(self, has_checkpoint: bool) -> RunFolder:
         """Rank 0 creates it; the others learn its path. ``--resume`` of a run stopped before
@@ -356,7 +368,7 @@ class Trainer:
     # --- one epoch
     def train_epoch(self, epoch: int, stop: StopFlag) -> EpochTotals:
         """Every batch of ``epoch`` (from the saved batch when resuming mid-epoch)."""
-        c, steps = self.config, len(self.data.train)
+        c, steps, full = self.config, self.epoch_steps(epoch), len(self.data.train)
         self.net.train()
         self.bn_stats_current = False
         frozen = self.freeze.apply(epoch)  # a function of the epoch: resume-exact
@@ -372,9 +384,10 @@ class Trainer:
         tick = time.perf_counter()
         # The loader draws the same permutation and augmentation as a full pass, so a
         # mid-epoch resume starting at the next batch sees identical batches.
-        for batch, (images, labels) in enumerate(self.data.train.epoch(epoch, start=first),
+        batches = self.data.train.epoch(epoch, start=first)
+        for batch, (images, labels) in enumerate(itertools.islice(batches, steps - first),
                                                  start=first):
-            it = epoch * steps + batch
+            it = epoch * full + batch
             set_lr(self.optimizer, self.schedule.lr_at(it))
             mix = None
             if self.mixing is not None:
@@ -401,6 +414,7 @@ class Trainer:
                 totals.seconds += time.perf_counter() - tick
                 bar.close()
                 self._interrupt(stop.signal or signal.SIGTERM, epoch, batch, totals)
+        batches.close()  # an epoch cut short (--time-budget) leaves the rest unread
         if self.lookahead is not None:
             self.lookahead.end_epoch()
         bar.close()
@@ -486,20 +500,14 @@ class Trainer:
     def _probe_bn_stats(self, running_acc: float, epoch: int) -> None:
         """Health, after the first epoch: would statistics computed again validate better?
         The running ones are put back, so the run goes on unchanged."""
-        model = self.ema.module if self.ema else self.model
-        norms = batchnorms(model, self._kept_norms())
-        if not norms or self.data.bn_loader is None:
+        model, keep = self.ema.module if self.ema else self.model, self._kept_norms()
+        if not batchnorms(model, keep) or self.data.bn_loader is None:
             return
-        kept = [[t.clone() for t in (b.running_mean, b.running_var, b.num_batches_tracked)]
-                for b in norms]
-        loader = self.data.bn_loader(BN_PROBE_IMAGES)
-        images = recompute_bn_stats(model, (x for x, _ in loader.epoch(0)),
-                                    self.engine.autocast(), self.dist, self._kept_norms())
-        _, precise_acc = self.evaluate_sharded(self.data.per_epoch)
-        with torch.no_grad():
-            for b, saved in zip(norms, kept):
-                for t, value in zip((b.running_mean, b.running_var, b.num_batches_tracked), saved):
-                    t.copy_(value)
+        with statistics_put_back(model, keep):
+            loader = self.data.bn_loader(BN_PROBE_IMAGES)
+            images = recompute_bn_stats(model, (x for x, _ in loader.epoch(0)),
+                                        self.engine.autocast(), self.dist, keep)
+            _, precise_acc = self.evaluate_sharded(self.data.per_epoch)
         count = min(BN_PROBE_IMAGES, images * self.dist.world_size)
         found = self.health.note(check_bn_stats(running_acc, precise_acc, count, epoch + 1))
         if found is not None and self.main:

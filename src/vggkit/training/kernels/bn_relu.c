@@ -172,3 +172,29 @@ void bn_relu_backward_##SUFFIX(const T *x, const T *y, const T *dy, T *dx, int64
 #define STORE_F32(v) (v)
 DEFINE_KERNELS(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 DEFINE_KERNELS(f32, float, LOAD_F32, STORE_F32)
+
+/* Dropout (training): y = x * scale where element i is kept, else 0. Element i is kept when
+ * the high 32 bits of splitmix64(seed + i) are at least `threshold` (p * 2^32): a counter-based
+ * stream, so the mask does not depend on how the threads split the work, and the backward
+ * applies the same mask to the gradient by running this again with the same seed. PyTorch's
+ * CPU bernoulli_ draws each element from one Mersenne Twister in turn, which made the mask
+ * 13% of the compact VGG's training step. */
+static inline uint64_t splitmix64(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+#define DEFINE_DROPOUT(SUFFIX, T, LOAD, STORE)                                                   \
+void dropout_##SUFFIX(const T *x, T *y, int64_t n, uint64_t seed, uint32_t threshold,            \
+                      float scale) {                                                            \
+    _Pragma("omp parallel for schedule(static)")                                                \
+    for (int64_t i = 0; i < n; i++) {                                                           \
+        uint32_t r = (uint32_t)(splitmix64(seed + (uint64_t)i) >> 32);                          \
+        y[i] = STORE(r >= threshold ? LOAD(x[i]) * scale : 0.0f);                               \
+    }                                                                                           \
+}
+
+DEFINE_DROPOUT(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_DROPOUT(f32, float, LOAD_F32, STORE_F32)
