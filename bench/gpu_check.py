@@ -142,31 +142,9 @@ def torchrun_check(work: Path, data: str, data_dir: str | None, cuda: bool) -> s
             f"{rngs}, test {100 * summary['test_acc']:.2f}%")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=None, help="a dataset (default: generated CIFAR-format)")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per loop")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.allow_cpu:
-        print("gpu_check: no CUDA device here (pass --allow-cpu to smoke-test the script)")
-        return 2
-    device = "cuda" if cuda else "cpu"
-    dev = torch.device(device)
-    small = not cuda  # CPU smoke test: tiny sizes
-    print(machine_line(), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="vggkit-gpu-check-"))
-    data, data_dir = args.data, None
-    if data is None:
-        from vggkit.data.testing import write_cifar
-
-        # noise at CIFAR's size: 10,000 training images on a GPU, 1,000 for the CPU smoke test
-        write_cifar(work / "data", "cifar10", n_per_batch=200 if small else 2000,
-                    n_test=200 if small else 1000)
-        data, data_dir = "cifar10", str(work / "data")
+def training_checks(work: Path, data: str, data_dir: str | None, device: str, small: bool,
+                    cuda: bool) -> None:
+    """Each path through vggkit.train, evaluate and export on the device: one row each."""
     base = dict(dataset=data, data_dir=data_dir, download=False, device=device,
                 precision="auto", report=False)
 
@@ -243,8 +221,12 @@ def main(argv=None) -> int:
         r = export_onnx(work / "v16" / "checkpoints" / "last.safetensors", work / "v16.onnx")
         return json.dumps(r, default=str)[:160]
 
+
+def speed_checks(device: str, small: bool, batch: int, steps: int) -> None:
+    """Images/s of vggkit's step against a plain fp32 eager loop and the airbench94
+    reference, on the same batches."""
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    batch = 32 if small else args.batch
     x = torch.randn(batch, 3, 32, 32, generator=g).to(dev)
     y = torch.randint(0, 10, (batch,), generator=g).to(dev)
     speed = {}
@@ -253,13 +235,13 @@ def main(argv=None) -> int:
         def _():
             model = create_model(net, num_classes=10).to(dev)
             speed[(net, "plain")] = images_per_second(plain_loop(model, x, y), batch,
-                                                      args.steps, dev)
+                                                      steps, dev)
             return f"{speed[(net, 'plain')]:,.0f}"
 
         @check(f"{net}: images/s, vggkit's step")
         def _():
             step, engine = vggkit_loop(create_model(net, num_classes=10), x, y, device)
-            speed[(net, "vggkit")] = images_per_second(step, batch, args.steps, dev)
+            speed[(net, "vggkit")] = images_per_second(step, batch, steps, dev)
             return (f"{speed[(net, 'vggkit')]:,.0f} ({engine.precision}), "
                     f"{speed[(net, 'vggkit')] / speed.get((net, 'plain'), float('nan')):.2f}x "
                     "the plain loop")
@@ -267,13 +249,40 @@ def main(argv=None) -> int:
     @check("vgg_compact: images/s, vggkit's step with torch.compile")
     def _():
         step, _ = vggkit_loop(create_model("vgg_compact", num_classes=10), x, y, device, True)
-        return f"{images_per_second(step, batch, args.steps, dev):,.0f}"
+        return f"{images_per_second(step, batch, steps, dev):,.0f}"
 
     @check("airbench94 reference net: images/s, same batches")
     def _():
-        ips = images_per_second(airbench_loop(x, y), batch, args.steps, dev)
+        ips = images_per_second(airbench_loop(x, y), batch, steps, dev)
         return f"{ips:,.0f}"
 
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=None, help="a dataset (default: generated CIFAR-format)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per loop")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print("gpu_check: no CUDA device here (pass --allow-cpu to smoke-test the script)")
+        return 2
+    device = "cuda" if cuda else "cpu"
+    small = not cuda  # CPU smoke test: tiny sizes
+    print(machine_line(), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="vggkit-gpu-check-"))
+    data, data_dir = args.data, None
+    if data is None:
+        from vggkit.data.testing import write_cifar
+
+        # noise at CIFAR's size: 10,000 training images on a GPU, 1,000 for the CPU smoke test
+        write_cifar(work / "data", "cifar10", n_per_batch=200 if small else 2000,
+                    n_test=200 if small else 1000)
+        data, data_dir = "cifar10", str(work / "data")
+    training_checks(work, data, data_dir, device, small, cuda)
+    speed_checks(device, small, 32 if small else args.batch, args.steps)
     print("\n| check | ok | detail | seconds |\n| --- | --- | --- | --- |")
     for r in ROWS:
         print(f"| {r['check']} | {'ok' if r['ok'] else 'FAILED'} | {r['detail']} | "

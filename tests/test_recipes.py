@@ -102,6 +102,13 @@ def test_recipes_say_what_they_do():
     assert strong.lr == faithful.lr / 5 and strong.schedule == "onecycle"
     assert strong.flip and strong.crop_padding == 4 and strong.weight_decay > 0
     assert strong.precise_bn > 0 and not faithful.precise_bn
+    # the rates the bn-gain finding names: the head keeps the faithful rate, the convolutions
+    # behind its BatchNorm step at the strong recipe's
+    split = r["vgg19-bn-head-split-cifar10"]
+    for key in ("model", "head", "dropout", "normalize", "dataset", "optimizer", "nesterov"):
+        assert getattr(split, key) == getattr(faithful, key), key
+    assert split.lr == faithful.lr and split.lr * split.features_lr_scale == strong.lr
+    assert split.precise_bn > 0 and split.schedule == "onecycle" and split.epochs > strong.epochs
     c = r["vgg16-gap-cifar100"]
     assert (c.head, c.dataset, c.epochs, c.flip) == ("gap", "cifar100", 12, True)
     assert c.crop_padding > 0 and c.weight_decay > 0
@@ -180,6 +187,7 @@ PLAIN_EPOCHS = {"vgg-paper": 8, "vgg16-cifar10-classic": 10, "vgg16-mnist64-smal
 # VGG-19 with the BatchNorm head at its strong recipe's own rate (0.002): at the batch-scaled
 # rate (0.00016) it stayed at chance on stripes for 10 epochs.
 PLAIN_EPOCHS["vgg19-bn-head-strong-cifar10"] = 10
+PLAIN_EPOCHS["vgg19-bn-head-split-cifar10"] = 10  # the same convolutions' rate, a 5x faster head
 
 
 @pytest.fixture(scope="module")

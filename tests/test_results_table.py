@@ -121,6 +121,28 @@ def test_table_row_shows_the_summary(run, project):
                          "[report](docs/results/digits-1ep/report.md)")
 
 
+def test_a_chained_run_names_the_command_that_made_it_and_counts_its_pieces(tmp_path):
+    """summary.json's command is the first piece's, not the last --resume; the row says how
+    many pieces followed; --overwrite starts the record afresh."""
+    path = tmp_path / "run"
+    made = "vggkit train --epochs 1 --out RUN"
+    vggkit.train(vggkit.TrainConfig(**TINY, schedule="constant", out=str(path)), progress=False,
+                 command=made)
+    for epochs in (2, 3):
+        summary = vggkit.train(vggkit.TrainConfig(resume=str(path), epochs=epochs),
+                               progress=False, command="vggkit train --resume RUN")
+    assert summary["epochs_completed"] == 3 and summary["command"] == made
+    assert [r["resume"] for r in summary["starts"]] == [False, True, True]
+    assert all(len(r["load_start"]) == 3 and r["started"].endswith("Z")
+               for r in summary["starts"])
+    results.collect(path, "chained", into=tmp_path / "results")
+    row = cells(table_rows(results.build_table(tmp_path / "results"))[1])
+    assert row[10] == "`vggkit train --epochs 1 --out RUN`, then 2 `--resume` pieces"
+    again = vggkit.train(vggkit.TrainConfig(**TINY, out=str(path), overwrite=True),
+                         progress=False, command="vggkit train --overwrite")
+    assert again["command"] == "vggkit train --overwrite" and len(again["starts"]) == 1
+
+
 def test_older_summary_shows_dashes(run, tmp_path):
     folder = results.collect(run, "old", into=tmp_path)
     summary = json.loads((folder / "summary.json").read_text())

@@ -32,8 +32,11 @@ CHECKPOINTS = "checkpoints"
 SUFFIX = ".safetensors"
 # What a run writes; --overwrite removes exactly these, nothing else the folder holds.
 MLFLOW_RECORD = "mlflow.json"  # --mlflow: the tracking store and run id a resume continues
+# One line per start of the run (the command, when, the load): a chained run's summary names
+# the command that made it, not only the last --resume.
+COMMANDS = "commands.jsonl"
 OWNED_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "predictions.npz",
-               "report.html", "report.md", MLFLOW_RECORD)
+               "report.html", "report.md", MLFLOW_RECORD, COMMANDS)
 OWNED_CHECKPOINTS = ("last", "best")
 # Options that say where a run goes, not how it trains: recorded in a run's config.yaml, they
 # never act when that file is reused as a template (`--config RUN/config.yaml`).
@@ -142,6 +145,10 @@ class RunFolder:
     def predictions_path(self) -> Path:
         return self.path / "predictions.npz"
 
+    @property
+    def commands_path(self) -> Path:
+        return self.path / COMMANDS
+
     def checkpoint(self, name: str) -> Path:
         """checkpoints/<name>.safetensors (``last`` or ``best``)."""
         return self.path / CHECKPOINTS / f"{name}{SUFFIX}"
@@ -208,6 +215,16 @@ class RunFolder:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.metrics_path)
         return kept
+
+    # --- the commands that started it
+    def record_start(self, command: str, *, resuming: bool) -> None:
+        append_jsonl(self.commands_path, {
+            "command": command, "resume": resuming,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_start": [round(v, 2) for v in os.getloadavg()]})
+
+    def read_starts(self) -> list[dict[str, Any]]:
+        return read_metrics(self.commands_path)
 
     # --- summary and predictions
     def write_summary(self, summary: dict[str, Any]) -> None:

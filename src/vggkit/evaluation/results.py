@@ -274,7 +274,7 @@ def table_row(run: Path, link_base: str | Path) -> list[str]:
     return [str(experiment), _model(s), _dataset(s), _epochs(s, _configured_epochs(run)),
             _test_accuracy(s), _best(s), _or_none(s.get("train_seconds"), duration),
             _or_none(s.get("images_per_second"), lambda v: f"{v:,.0f}"), _machine(s),
-            _load(s), _or_none(s.get("command"), _code), _links(run, link_base)]
+            _load(s), _command(s), _links(run, link_base)]
 
 
 # Config keys that say where a run went or how it talked, not what it learned: runs that
@@ -385,6 +385,17 @@ def _load(s: dict[str, Any]) -> str:
         return NONE
     text = " → ".join(NONE if v is None else f"{v:.1f}" for v in first)
     return text + (" ⚠ loaded" if any(v is not None and v > LOADED for v in first) else "")
+
+
+def _command(s: dict[str, Any]) -> str:
+    """The command that made the run, and how many --resume pieces followed it."""
+    if s.get("command") is None:
+        return NONE
+    starts = s.get("starts") or []
+    resumes = sum(1 for r in starts if r.get("resume"))
+    made = len(starts) > resumes  # else an older vggkit made it: the command is a resume
+    pieces = f", then {resumes} `--resume` piece{'s' * (resumes > 1)}" if made and resumes else ""
+    return _code(s["command"]) + pieces
 
 
 def _code(text: str) -> str:

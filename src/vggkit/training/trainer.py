@@ -86,6 +86,8 @@ def train(config: TrainConfig, *, progress: bool = True, explicit: set[str] | No
     if config.resume:
         config, checkpoint = resolve_resume(config, explicit)
     trainer = Trainer(config, checkpoint, progress=progress)
+    if command and trainer.main:
+        trainer.run.record_start(command, resuming=checkpoint is not None)
     if config.time_budget and checkpoint is None:  # planned once: a resume keeps the plan
         trainer.plan_budget(budget_start)
     if trainer.state.stopped_early:
@@ -175,7 +177,9 @@ class Trainer:
                                     optimizer=config.optimizer, lr=config.lr,
                                     num_classes=self.data.num_classes,
                                     probe_relus=not config.compile,
-                                    momentum=config.momentum) if config.health else None
+                                    momentum=config.momentum,
+                                    features_lr_scale=config.features_lr_scale
+                                    ) if config.health else None
         self.optimizer = build_optimizer(self.model, config, self.lr)
         # after the optimizer, which holds the frozen features too; before DDP wraps the model
         self.freeze = FeatureFreeze.from_config(self.model, config, self.dist)
@@ -571,9 +575,13 @@ class Trainer:
         seconds = sum(r["epoch_seconds"] for r in history)
         has_val = self.data.has_val
         env = environment_info(self.engine)
+        starts = self.run.read_starts()
+        made_by = [r["command"] for r in starts if not r.get("resume")]
         return {
             "run": str(self.run),
-            "command": command,
+            # the command that made the run; a chained run's pieces follow in "starts"
+            "command": made_by[-1] if made_by else command,
+            "starts": starts,
             "test_loss": test["loss"],
             "test_acc": test["acc"],
             "balanced_acc": test["balanced_acc"],
