@@ -187,7 +187,8 @@ PLAIN_EPOCHS = {"vgg-paper": 8, "vgg16-cifar10-classic": 10, "vgg16-mnist64-smal
 # VGG-19 with the BatchNorm head at its strong recipe's own rate (0.002): at the batch-scaled
 # rate (0.00016) it stayed at chance on stripes for 10 epochs.
 PLAIN_EPOCHS["vgg19-bn-head-strong-cifar10"] = 10
-PLAIN_EPOCHS["vgg19-bn-head-split-cifar10"] = 10  # the same convolutions' rate, a 5x faster head
+# the split recipe, its head 5x faster: it passed (>= 75%) already at 3 epochs (Zen 4, fp32)
+PLAIN_EPOCHS["vgg19-bn-head-split-cifar10"] = 5
 
 
 @pytest.fixture(scope="module")
